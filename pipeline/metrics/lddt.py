@@ -4,18 +4,91 @@ Mariani, V., Biasini, M., Barbato, A., Schwede, T. (2013). lDDT: a local superpo
 score for comparing protein structures and models using distance difference tests.
 Bioinformatics 29, 2722-2728.
 
-Conventions (design brief, section 4): thresholds 0.5/1/2/4 A; a pair is scored when its
-distance in the *reference* is within the inclusion radius (15 A; asymmetric: contacts from the
-reference only); pairs of atoms within one residue are excluded; the global score is the mean
-over all (pair, threshold) tests. Atoms missing from the model count as not preserved when the
-caller passes them in ``ref_mask`` but not in ``model_mask``.
+Conventions (design brief, section 4; identical to ``biotite.structure.lddt`` with its
+defaults, which the tests use as the independent reference):
+
+- thresholds 0.5/1/2/4 A; a distance is preserved at threshold ``t`` when
+  ``|d_model - d_reference| <= t``;
+- a pair is a contact when its distance in the *reference* is ``<= 15 A`` (inclusion radius;
+  asymmetric: contacts come from the reference only unless ``symmetric``);
+- pairs of atoms within one residue are excluded (``residue_index``);
+- the global score is the mean over all (contact, threshold) tests, i.e. pair-weighted;
+- atoms present in the reference but missing from the model (``model_mask`` False) keep their
+  contacts, which then count as not preserved at every threshold.
+
+Distances are computed directly (not through the ``|a|^2 + |b|^2 - 2ab`` expansion, which loses
+about 1e-3 A at 100 A coordinates in float32) so that threshold decisions match a direct
+computation.
 """
 
 from __future__ import annotations
 
 import torch
 
+__all__ = ["DEFAULT_THRESHOLDS", "lddt", "lddt_per_residue"]
+
 DEFAULT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _lddt_sums(
+    model: torch.Tensor,
+    reference: torch.Tensor,
+    ref_mask: torch.Tensor,
+    model_mask: torch.Tensor | None,
+    residue_index: torch.Tensor | None,
+    radius: float,
+    thresholds: tuple[float, ...],
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-atom sums of preserved fractions and contact counts, both (B, N) float32."""
+    if model.shape != reference.shape or model.shape[-1] != 3:
+        raise ValueError(
+            "model and reference must have the same shape (B, N, 3), but got "
+            f"{tuple(model.shape)} and {tuple(reference.shape)}."
+        )
+    if ref_mask.shape != reference.shape[:-1]:
+        raise ValueError(
+            f"ref_mask must have shape {tuple(reference.shape[:-1])}, "
+            f"but got {tuple(ref_mask.shape)}."
+        )
+    if len(thresholds) == 0:
+        raise ValueError("thresholds must not be empty.")
+    ref_mask = ref_mask.bool()
+    model_mask = ref_mask if model_mask is None else model_mask.bool() & ref_mask
+    # Masked atoms may hold NaN or garbage: zero them so that no NaN reaches a sum.
+    ref = torch.where(ref_mask.unsqueeze(-1), reference.float(), 0.0)
+    mod = torch.where(model_mask.unsqueeze(-1), model.float(), 0.0)
+    d_ref = _pairwise_distances(ref)
+    d_mod = _pairwise_distances(mod)
+
+    pair = ref_mask.unsqueeze(-1) & ref_mask.unsqueeze(-2)
+    if residue_index is None:
+        n = reference.shape[-2]
+        pair = pair & ~torch.eye(n, dtype=torch.bool, device=reference.device)
+    else:
+        if residue_index.shape != ref_mask.shape:
+            raise ValueError(
+                f"residue_index must have shape {tuple(ref_mask.shape)}, "
+                f"but got {tuple(residue_index.shape)}."
+            )
+        pair = pair & (residue_index.unsqueeze(-1) != residue_index.unsqueeze(-2))
+    within = d_ref <= radius
+    if symmetric:
+        both = model_mask.unsqueeze(-1) & model_mask.unsqueeze(-2)
+        within = within | ((d_mod <= radius) & both)
+    contacts = pair & within
+
+    diff = (d_ref - d_mod).abs()
+    n_passed = torch.zeros_like(diff)
+    for t in thresholds:
+        n_passed += (diff <= t).to(diff.dtype)
+    both_present = model_mask.unsqueeze(-1) & model_mask.unsqueeze(-2)
+    score = torch.where(contacts & both_present, n_passed / len(thresholds), 0.0)
+    return score.sum(-1), contacts.to(diff.dtype).sum(-1)
 
 
 def lddt(
@@ -29,52 +102,101 @@ def lddt(
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global and per-atom lDDT.
+    """Global and per-atom lDDT (Mariani et al. 2013), batched and masked.
 
     Parameters
     ----------
-    model, reference : (B, N, 3) coordinates of corresponding atoms.
-    ref_mask : (B, N) atoms present in the reference; only these define contacts.
-    model_mask : (B, N) atoms present in the model (default: ``ref_mask``). A contact with an
-        atom absent from the model scores 0 on every threshold.
-    residue_index : (B, N) residue id of each atom; pairs with equal ids are excluded. ``None``
-        means one atom per residue (no pair is excluded but the self pair).
-    radius : inclusion radius in A, measured in the reference (and in the model too when
-        ``symmetric``).
+    model, reference : torch.Tensor
+        (B, N, 3) coordinates of corresponding atoms, Angstrom.
+    ref_mask : torch.Tensor
+        (B, N) atoms present in the reference; only these define contacts.
+    model_mask : torch.Tensor, optional
+        (B, N) atoms present in the model (default: ``ref_mask``). A contact with an atom
+        absent from the model scores 0 on every threshold (it is *not* dropped).
+    residue_index : torch.Tensor, optional
+        (B, N) integer residue id of each atom; pairs with equal ids are excluded. For
+        all-atom inputs the id must identify (chain, residue number, insertion code, residue
+        name), e.g. from :func:`pipeline.metrics.residue_index_from_keys`. ``None`` means one
+        atom per residue (only the self pair is excluded).
+    radius : float
+        Inclusion radius in Angstrom, measured in the reference (``<=``, as biotite).
+    thresholds : tuple of float
+        Distance-difference thresholds in Angstrom.
+    symmetric : bool
+        Also take contacts from the model (``<= radius`` in the model, both atoms present).
 
     Returns
     -------
-    global_lddt : (B,) mean over all (contact, threshold) tests; 0 where no contact exists.
-    per_atom : (B, N) the same mean restricted to contacts of each atom; 0 where none.
+    global_lddt : torch.Tensor
+        (B,) float32, mean over all (contact, threshold) tests; 0 where no contact exists.
+    per_atom : torch.Tensor
+        (B, N) float32, the same mean over the contacts of each atom (biotite
+        ``aggregation="atom"``); 0 where an atom has no contact.
+
+    Examples
+    --------
+    >>> x = torch.randn(2, 30, 3) * 8
+    >>> g, per_atom = lddt(x, x, torch.ones(2, 30, dtype=torch.bool))
+    >>> g.tolist()
+    [1.0, 1.0]
     """
-    if model_mask is None:
-        model_mask = ref_mask
-    ref_mask = ref_mask.bool()
-    model_mask = model_mask.bool()
-    d_ref = torch.cdist(reference.float(), reference.float())
-    d_mod = torch.cdist(model.float(), model.float())
-    n = reference.shape[-2]
-    pair = ref_mask.unsqueeze(-1) & ref_mask.unsqueeze(-2)
-    if residue_index is None:
-        pair = pair & ~torch.eye(n, dtype=torch.bool, device=reference.device)
-    else:
-        pair = pair & (residue_index.unsqueeze(-1) != residue_index.unsqueeze(-2))
-    within = d_ref < radius
-    if symmetric:
-        within = within | (d_mod < radius)
-    contacts = pair & within
-    both_present = model_mask.unsqueeze(-1) & model_mask.unsqueeze(-2)
-    diff = (d_ref - d_mod).abs()
-    passed = torch.zeros_like(diff)
-    for t in thresholds:
-        passed = passed + (diff <= t).to(diff.dtype)
-    passed = passed / len(thresholds) * both_present.to(diff.dtype)
-    c = contacts.to(diff.dtype)
-    score_sum = (passed * c).sum(-1)
-    count = c.sum(-1)
-    per_atom = torch.where(count > 0, score_sum / count.clamp_min(1), torch.zeros_like(count))
-    total = count.sum(-1)
-    global_lddt = torch.where(
-        total > 0, score_sum.sum(-1) / total.clamp_min(1), torch.zeros_like(total)
+    score_sum, count = _lddt_sums(
+        model, reference, ref_mask, model_mask, residue_index, radius, thresholds, symmetric
     )
+    per_atom = torch.where(count > 0, score_sum / count.clamp_min(1), 0.0)
+    total = count.sum(-1)
+    global_lddt = torch.where(total > 0, score_sum.sum(-1) / total.clamp_min(1), 0.0)
     return global_lddt, per_atom
+
+
+def lddt_per_residue(
+    model: torch.Tensor,
+    reference: torch.Tensor,
+    ref_mask: torch.Tensor,
+    residue_index: torch.Tensor,
+    *,
+    n_residues: int | None = None,
+    model_mask: torch.Tensor | None = None,
+    radius: float = 15.0,
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-residue lDDT: the mean over all (contact, threshold) tests of a residue's atoms.
+
+    Equal to ``biotite.structure.lddt(..., aggregation="residue")`` (contacts of every atom of
+    the residue, same-residue pairs excluded). With one atom per residue (C3') this is the
+    per-residue lDDT that the pLDDT head is trained to predict.
+
+    Parameters
+    ----------
+    model, reference, ref_mask, model_mask, radius, thresholds, symmetric
+        As in :func:`lddt`.
+    residue_index : torch.Tensor
+        (B, N) int64 residue id of each atom in ``[0, n_residues)``; also used to exclude
+        same-residue pairs.
+    n_residues : int, optional
+        Number of residue slots R; default ``residue_index.max() + 1``.
+
+    Returns
+    -------
+    per_residue : torch.Tensor
+        (B, R) float32 lDDT in [0, 1]; 0 where a residue has no contact.
+    has_contacts : torch.Tensor
+        (B, R) bool, residues with at least one contact (biotite gives NaN for the others):
+        use it as the mask of a pLDDT loss or of a calibration.
+    """
+    residue_index = residue_index.long()
+    score_sum, count = _lddt_sums(
+        model, reference, ref_mask, model_mask, residue_index, radius, thresholds, symmetric
+    )
+    if n_residues is None:
+        n_residues = int(residue_index.max().item()) + 1 if residue_index.numel() else 0
+    idx = torch.where(ref_mask.bool(), residue_index, 0).clamp(0, max(n_residues - 1, 0))
+    shape = residue_index.shape[:-1] + (n_residues,)
+    res_sum = torch.zeros(shape, dtype=score_sum.dtype, device=score_sum.device)
+    res_count = torch.zeros_like(res_sum)
+    res_sum.scatter_add_(-1, idx, score_sum)
+    res_count.scatter_add_(-1, idx, count)
+    has_contacts = res_count > 0
+    per_residue = torch.where(has_contacts, res_sum / res_count.clamp_min(1), 0.0)
+    return per_residue, has_contacts

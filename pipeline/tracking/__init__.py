@@ -1,0 +1,98 @@
+"""Experiment tracking behind one small interface: :class:`Tracker`.
+
+``build_tracker`` returns an :class:`~pipeline.tracking.mlflow_tracker.MlflowTracker` or, when
+tracking is off (or on non-zero DDP ranks), a :class:`NullTracker` that does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.config.fields import spec
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = spec(True, help="log to MLflow (MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    experiment: str = spec("diffold", help="MLflow experiment name (unless set by `mlflow run`)")
+    run_name: str | None = spec(None, help="run name; default: scenario-preset-<config hash>")
+    log_every_steps: int = spec(10, ge=1, help="optimizer steps between train/* metric points")
+    flush_interval_s: float = spec(
+        2.0, gt=0, help="seconds between batched sends of buffered metrics (background thread)"
+    )
+    system_metrics: bool = spec(True, help="MLflow's system/* sampler (CPU, RAM, GPU via NVML)")
+    system_interval_s: float = spec(10.0, gt=0, help="seconds between system/* samples")
+    log_checkpoints: bool = spec(True, help="upload the last and best checkpoints as artifacts")
+
+
+class Tracker(Protocol):
+    """What the trainer, evaluator and tuner need from a tracker."""
+
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """A tracker that records nothing (tracking disabled, or a DDP rank other than 0)."""
+
+    run_id = None
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_figure(self, figure, artifact_file):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self, status="FINISHED"):
+        pass
+
+
+def build_tracker(
+    cfg: TrackingConfig,
+    *,
+    run_name: str,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    enabled: bool = True,
+) -> Tracker:
+    """A tracker for one run: ``run_id`` resumes an existing run, otherwise one is created."""
+    if not (cfg.enabled and enabled):
+        return NullTracker()
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+    return MlflowTracker(
+        cfg, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id, tags=tags or {}
+    )

@@ -1,0 +1,1 @@
+"""Shipped scenario and preset override files (installed as the ``pipeline.configs`` package)."""

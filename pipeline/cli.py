@@ -1,0 +1,204 @@
+"""Command line: ``python -m pipeline {train,evaluate,tune,data}``.
+
+Exit codes: 0 success; 2 bad input (one line ``error: ...`` on stderr naming the key or file);
+1 an unexpected failure (with traceback) or a run stopped by repeated non-finite updates;
+128+N when stopped by signal N (SIGTERM: 143, SIGINT: 130) after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ``error: ...`` line, exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        raise PipelineError(f"{self.prog}: {message}")
+
+
+def _blank_is_none(value: str | None) -> str | None:
+    """MLproject passes unset parameters as empty strings."""
+    return value if value not in (None, "", "none", "None") else None
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, scenario_default: str | None = None) -> None:
+    p.add_argument("--config", type=_blank_is_none, help="YAML file with config overrides")
+    p.add_argument(
+        "--scenario",
+        type=_blank_is_none,
+        default=scenario_default,
+        help="balanced | performance | safety | memory | debug",
+    )
+    p.add_argument("--preset", type=_blank_is_none, help="small_model | base_model | large_model")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set optim.lr=1e-3",
+    )
+    p.add_argument(
+        "--overrides",
+        dest="override_string",
+        default="",
+        help="several KEY=VALUE items in one string (MLproject's 'overrides' parameter)",
+    )
+    p.add_argument("--epochs", type=_blank_is_none, help="shorthand for --set trainer.epochs=N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pipeline", description="Diffold training pipeline")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        type=_blank_is_none,
+        help="'auto' (newest valid checkpoint under output_dir) or a checkpoint path",
+    )
+
+    p = sub.add_parser("evaluate", help="score a trained model or external predictions")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=_blank_is_none, help="checkpoint file")
+    src.add_argument("--run-id", type=_blank_is_none, help="MLflow run whose checkpoint to use")
+    src.add_argument("--predictions", help="predicted structure file or directory")
+    p.add_argument("--reference", help="native structure (with --predictions)")
+    p.add_argument(
+        "--atoms", default="all", choices=["all", "C3'", "C1'", "C4'", "P"], help="atom set"
+    )
+    p.add_argument("--output", help="CSV file for per-model or per-target results")
+    p.add_argument("--n-samples", type=int, default=5, help="structures sampled per target")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--overrides", dest="override_string", default="")
+
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna")
+    _add_config_args(p)
+    p.add_argument("--n-trials", type=int, default=None, help="trials to run")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--storage", type=_blank_is_none, help="Optuna storage URL")
+    p.add_argument("--study-name", type=_blank_is_none, help="study name (resumes if it exists)")
+    p.add_argument("--tune-config", type=_blank_is_none, help="search-space file (configs/tune.yaml)")
+
+    p = sub.add_parser("data", help="inspect a directory of structure files")
+    p.add_argument("--check", required=True, metavar="PATH", help="directory or list file")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    items = list(args.overrides)
+    items.extend(shlex.split(args.override_string or ""))
+    epochs = getattr(args, "epochs", None)
+    if epochs is not None:
+        items.append(f"trainer.epochs={epochs}")
+    return items
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config.loader import load_config
+
+    return load_config(
+        scenario=args.scenario,
+        preset=args.preset,
+        config_file=args.config,
+        overrides=_overrides(args),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.trainer import train
+
+    config = _load(args)
+    result = train(config, resume=args.resume, run_id=os.environ.get("MLFLOW_RUN_ID"))
+    summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if "/" in k)
+    print(
+        f"run {result.run_id or '(untracked)'} {result.status}: step {result.step}, "
+        f"health {result.health_status}; {summary}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import evaluate_external, evaluate_model
+
+    if args.predictions:
+        if not args.reference:
+            raise PipelineError("evaluate: --reference is required with --predictions")
+        table = evaluate_external(args.predictions, args.reference, atoms=args.atoms, output=args.output)
+        print(table)
+        return 0
+    summary = evaluate_model(
+        checkpoint=args.checkpoint,
+        run_id=args.run_id,
+        overrides=_overrides(args),
+        n_samples=args.n_samples,
+        output=args.output,
+    )
+    print(summary)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import run_study
+
+    base = _load(args)
+    summary = run_study(
+        base,
+        tune_config=args.tune_config,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        parent_run_id=os.environ.get("MLFLOW_RUN_ID"),
+    )
+    print(summary)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipeline.data import DataConfig
+    from pipeline.data.inspect import check_path, format_report
+
+    print(format_report(check_path(args.check, DataConfig(source="files", path=args.check))))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.train.trainer import Interrupted, NonFiniteStop
+
+    try:
+        args = build_parser().parse_args(argv)
+        level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        return COMMANDS[args.command](args)
+    except NonFiniteStop as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Batched search over rigid superpositions seeded by contiguous fragments.
+
+Shared engine of :func:`pipeline.metrics.tm_score` (US-align's ``TMscore8_search``) and
+:func:`pipeline.metrics.gdt` (an LGA-like GDT search). Both follow one pattern: fit a
+superposition on a seed (a window of consecutive residues), keep the residues that lie within
+a cutoff, refit on them, repeat until the kept set stops changing, and score every
+superposition visited. Done one seed at a time this is thousands of tiny 3x3 problems; here all
+*trajectories* (seed x cutoff) of all structures advance together:
+
+- the Kabsch moments of every current subset come from one batched matrix product
+  ``subset_mask (B, T, N) @ [1, x, y, x y^T] (B, N, 16)``;
+- one batched float64 SVD of the (B, T) 3x3 covariances gives all rotations;
+- squared distances under every superposition come from a second product
+  ``(B, T, 15) @ (B, 15, N)`` (``|R x + t - y|^2`` expanded), so no (B, T, N, 3) tensor exists.
+
+Coordinates are centred per structure and kept in float64, so the expansion loses nothing
+that matters (|x|^2 ~ 1e4 A^2, float64 relative error 1e-16). Trajectories are processed in
+chunks of at most ``chunk_elements`` (B x T x N) entries to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.metrics.superpose import _fit_from_moments
+
+#: Default bound on B x T x N entries per chunk (float64: 8 bytes each, a few live copies).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def compact(
+    model: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move valid residues to the front (order kept), centre each structure, float64.
+
+    Returns ``x, y`` (B, N, 3) float64 (0 at invalid slots), ``valid`` (B, N) bool and
+    ``n_valid`` (B,) int64. Seeds are windows of consecutive *valid* residues.
+    """
+    if model.shape != reference.shape or model.dim() != 3 or model.shape[-1] != 3:
+        raise ValueError(
+            "model and reference must have the same shape (B, N, 3), but got "
+            f"{tuple(model.shape)} and {tuple(reference.shape)}."
+        )
+    if mask.shape != model.shape[:-1]:
+        raise ValueError(
+            f"mask must have shape {tuple(model.shape[:-1])}, but got {tuple(mask.shape)}."
+        )
+    mask = mask.to(device=model.device).bool()
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    idx = order.unsqueeze(-1).expand(-1, -1, 3)
+    valid = torch.gather(mask, 1, order)
+    x = torch.where(valid.unsqueeze(-1), torch.gather(model.double(), 1, idx), 0.0)
+    y = torch.where(valid.unsqueeze(-1), torch.gather(reference.double(), 1, idx), 0.0)
+    n_valid = valid.sum(-1)
+    w = valid.unsqueeze(-1).double()
+    denom = n_valid.clamp_min(1).double()[:, None, None]
+    x = (x - (x * w).sum(1, keepdim=True) / denom) * w
+    y = (y - (y * w).sum(1, keepdim=True) / denom) * w
+    return x, y, valid, n_valid
+
+
+def window_seeds(
+    n_valid: Sequence[int],
+    widths: Callable[[int], Sequence[int]],
+    max_seeds: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seed windows ``(start, width)`` per structure, padded to (B, S), and their validity.
+
+    ``widths(n)`` lists the window widths for a structure of ``n`` valid residues; every start
+    ``0 .. n - width`` is used unless the total exceeds ``max_seeds``, in which case the starts
+    of every width are thinned to one every ``ceil(total / max_seeds)``, always keeping the last
+    start (as US-align does with ``simplify_step``).
+    """
+    per_structure: list[tuple[np.ndarray, np.ndarray]] = []
+    for n in n_valid:
+        ws = [int(w) for w in widths(int(n)) if 1 <= int(w) <= n]
+        total = sum(n - w + 1 for w in ws)
+        step = 1
+        if max_seeds is not None and total > max_seeds:
+            step = math.ceil(total / max_seeds)
+        starts, wid = [], []
+        for w in ws:
+            s = np.arange(0, n - w + 1, step, dtype=np.int64)
+            if s[-1] != n - w:
+                s = np.append(s, n - w)
+            starts.append(s)
+            wid.append(np.full(len(s), w, dtype=np.int64))
+        if starts:
+            per_structure.append((np.concatenate(starts), np.concatenate(wid)))
+        else:
+            per_structure.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    n_seeds = max([len(s) for s, _ in per_structure] + [1])
+    start = np.zeros((len(per_structure), n_seeds), dtype=np.int64)
+    width = np.zeros_like(start)
+    ok = np.zeros(start.shape, dtype=bool)
+    for b, (s, w) in enumerate(per_structure):
+        start[b, : len(s)] = s
+        width[b, : len(w)] = w
+        ok[b, : len(s)] = True
+    as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return as_tensor(start), as_tensor(width), as_tensor(ok)
+
+
+def _relaxed_cutoff(
+    d2: torch.Tensor, valid: torch.Tensor, cut: torch.Tensor, need: torch.Tensor
+) -> torch.Tensor:
+    """US-align ``score_fun8`` relaxation: raise the cutoff by 0.5 A steps until 3 are kept.
+
+    ``cut`` (B, T) in A; returns the cutoff to use, changed only where ``need``.
+    """
+    d3 = torch.where(valid, d2, math.inf).topk(3, dim=-1, largest=False).values[..., 2]
+    d3_len = d3.clamp_min(0).sqrt()
+    inc = torch.floor((d3_len - cut) / 0.5) + 1
+    inc = inc.clamp_min(1)
+    # Exact fix-up against the squared comparison US-align makes (d^2 < (cut + 0.5 inc)^2).
+    inc = inc + (d3 >= (cut + 0.5 * inc) ** 2).to(inc.dtype)
+    lower = (inc > 1) & (d3 < (cut + 0.5 * (inc - 1)) ** 2)
+    inc = inc - lower.to(inc.dtype)
+    return torch.where(need, cut + 0.5 * inc, cut)
+
+
+def superposition_search(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    start: torch.Tensor,
+    width: torch.Tensor,
+    traj_ok: torch.Tensor,
+    cut_first: torch.Tensor,
+    cut_iter: torch.Tensor,
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    n_fits: int,
+    relax: bool,
+    stop_below_three: bool,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Run all trajectories and return the best score of every structure, (B, K).
+
+    Parameters
+    ----------
+    x, y, valid
+        From :func:`compact`: centred float64 model / reference (B, N, 3) and validity (B, N).
+    start, width, traj_ok
+        (B, T) seed window of each trajectory (in compacted residue positions) and whether it
+        exists for that structure.
+    cut_first, cut_iter
+        (B, T) cutoffs in A that select the residues kept after the seed fit and after every
+        refit.
+    score_fn
+        ``score_fn(d2 (B, t, N), valid (B, 1, N)) -> (B, t, K)`` scores of the superpositions
+        (higher is better); ``d2`` are squared distances in A^2.
+    n_fits
+        Superpositions per trajectory at most (the seed fit included).
+    relax
+        Where fewer than 3 residues pass a cutoff (and more than 3 are valid), relax it by
+        0.5 A steps (US-align ``score_fun8``).
+    stop_below_three
+        Stop a trajectory (keeping its last subset) when fewer than 3 residues pass.
+
+    Notes
+    -----
+    A trajectory stops when a refit keeps exactly the subset it was fitted on (the check is
+    skipped after the seed fit, as in US-align, because the cutoff may change there).
+    """
+    b, n, _ = x.shape
+    dev = x.device
+    ones = torch.ones(b, n, 1, dtype=torch.float64, device=dev)
+    xy = (x.unsqueeze(-1) * y.unsqueeze(-2)).reshape(b, n, 9)  # x_i y_j
+    yx = (y.unsqueeze(-1) * x.unsqueeze(-2)).reshape(b, n, 9)  # y_i x_j
+    moments = torch.cat([ones, x, y, xy], -1) * valid.unsqueeze(-1)  # (B, N, 16)
+    features_t = torch.cat([x, y, yx], -1).transpose(1, 2).contiguous()  # (B, 15, N)
+    base = (x * x).sum(-1) + (y * y).sum(-1)  # (B, N)
+    positions = torch.arange(n, device=dev)
+    valid3 = valid.unsqueeze(1)
+    n_valid = valid.sum(-1)
+
+    n_traj = start.shape[1]
+    chunk = max(1, chunk_elements // max(1, b * n))
+    best: torch.Tensor | None = None
+    for lo in range(0, n_traj, chunk):
+        sl = slice(lo, min(n_traj, lo + chunk))
+        st, wd, ok = start[:, sl], width[:, sl], traj_ok[:, sl]
+        c_first, c_iter = cut_first[:, sl], cut_iter[:, sl]
+        subset = (
+            (positions >= st.unsqueeze(-1))
+            & (positions < (st + wd).unsqueeze(-1))
+            & ok.unsqueeze(-1)
+            & valid3
+        )
+        active = ok.clone()
+        for k in range(n_fits):
+            r, t = _fit_from_moments(torch.bmm(subset.double(), moments))
+            coef = torch.cat(
+                [
+                    2.0 * (r.transpose(-1, -2) @ t.unsqueeze(-1)).squeeze(-1),
+                    -2.0 * t,
+                    -2.0 * r.reshape(r.shape[:-2] + (9,)),
+                ],
+                -1,
+            )
+            d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True) + torch.bmm(coef, features_t)
+            d2 = d2.clamp_min(0.0)
+            scores = score_fn(d2, valid3)
+            scores = torch.where(ok.unsqueeze(-1), scores, -math.inf).amax(1)
+            best = scores if best is None else torch.maximum(best, scores)
+            if k == n_fits - 1:
+                break
+            cut = c_first if k == 0 else c_iter
+            new = valid3 & (d2 < (cut * cut).unsqueeze(-1))
+            count = new.sum(-1)
+            if relax:
+                need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
+                if n > 3 and bool(need.any()):
+                    cut = _relaxed_cutoff(d2, valid3, cut, need)
+                    new = valid3 & (d2 < (cut * cut).unsqueeze(-1))
+                    count = new.sum(-1)
+            if stop_below_three:
+                small = count < 3
+                active = active & ~small
+                new = torch.where(small.unsqueeze(-1), subset, new)
+            if k > 0:
+                active = active & ~(new == subset).all(-1)
+            subset = torch.where(active.unsqueeze(-1), new, subset)
+            if not bool(active.any()):
+                break
+    assert best is not None
+    return best

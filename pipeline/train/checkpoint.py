@@ -1,0 +1,219 @@
+"""Atomic, checksummed checkpoints that load with ``torch.load(..., weights_only=True)``.
+
+Layout: ``<run_dir>/checkpoints/step-00000120.pt`` plus ``step-00000120.pt.sha256``. A
+checkpoint counts only once its checksum file exists and matches: both files are written to a
+temporary name, fsynced and renamed, the checksum last, so a kill at any moment leaves either
+the previous set of checkpoints or a complete new one. Saving snapshots tensors to host memory
+on the caller's thread (the only stall) and serialises/writes in a background thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+# ------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ------------------------------------------------------------------------------ file I/O
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Serialise ``state`` to ``path`` atomically, then its checksum file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_write(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    _fsync_write(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """``None`` when ``path`` and its checksum agree, else the reason it is not valid."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        return "file not found"
+    if not sidecar.is_file():
+        return "no checksum file (incomplete write)"
+    expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        return "checksum mismatch (corrupt or truncated)"
+    return None
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
+    """Load a checkpoint on the CPU with ``weights_only=True`` (no arbitrary pickles)."""
+    path = Path(path)
+    if verify:
+        problem = verify_checkpoint(path)
+        if problem == "no checksum file (incomplete write)" and path.is_file():
+            log.warning("checkpoint %s has no checksum file; loading it unverified", path)
+        elif problem is not None:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: file not found") from None
+    except Exception as exc:  # unpickling refused or corrupt archive: one clear line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({reason})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: not a pipeline checkpoint (format version)")
+    return state
+
+
+def find_latest(root: Path) -> Path | None:
+    """Newest valid ``step-*.pt`` under ``root`` (recursively), skipping invalid ones loudly."""
+    candidates = [p for p in root.glob("**/checkpoints/step-*.pt") if _STEP_FILE.match(p.name)]
+    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def snapshot(value: Any) -> Any:
+    """A host-memory copy of every tensor in a nested state (so training can go on)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class CheckpointManager:
+    """Writes ``step-N.pt`` files into ``directory``, keeps the newest ``keep_last``.
+
+    ``save(..., blocking=False)`` returns after the host snapshot; the write happens in a
+    background thread (one at a time). ``wait()`` joins it; the trainer calls it before exit.
+    """
+
+    def __init__(self, directory: Path, *, keep_last: int = 2):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_path: Path | None = None
+        self.stall_s: list[float] = []
+
+    def save(self, state: dict, step: int, *, blocking: bool = False) -> Path:
+        self.wait()
+        start = time.perf_counter()
+        state = snapshot({**state, "format_version": FORMAT_VERSION})
+        self.stall_s.append(time.perf_counter() - start)
+        path = self.directory / f"step-{step:08d}.pt"
+        self.last_path = path
+        if blocking:
+            self._write(path, state)
+        else:
+            self._thread = threading.Thread(
+                target=self._write, args=(path, state), name="checkpoint-writer", daemon=False
+            )
+            self._thread.start()
+        return path
+
+    def save_as(self, state: dict, name: str) -> Path:
+        """Write a named checkpoint (``best.pt``) synchronously."""
+        self.wait()
+        path = self.directory / name
+        write_checkpoint(path, snapshot({**state, "format_version": FORMAT_VERSION}))
+        return path
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, path: Path, state: dict) -> None:
+        try:
+            write_checkpoint(path, state)
+            self._prune()
+        except BaseException as exc:  # surfaced to the training thread by wait()
+            self._error = exc
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.directory.glob("step-*.pt") if _STEP_FILE.match(p.name))
+        for old in steps[: -self.keep_last]:
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)

@@ -1,0 +1,307 @@
+"""What a training run needs around the loop: device, precision, seeds, DDP, components,
+run directory, tracker, and the reports written at the end.
+
+Kept apart from :mod:`pipeline.train.trainer` so that the loop reads as its phases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config.loader import flatten, model_hash, to_dict, to_yaml
+from pipeline.config.schema import Config
+from pipeline.data import build_datasets, build_train_loader, collate
+from pipeline.errors import ConfigError
+from pipeline.model import build_model
+from pipeline.tracking import Tracker, build_tracker
+from pipeline.train.optim import build_optimizer
+from pipeline.train.schedule import build_scheduler, warmup_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def setup(cfg: Config) -> Runtime:
+    """Resolve device and precision, join the DDP group (under torchrun), seed every RNG."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.trainer.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' requested but no CUDA device is available")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if use_cuda else "fp32"
+    if precision == "fp16" and not use_cuda:
+        raise ConfigError("trainer.precision: 'fp16' needs a CUDA device; use fp32 or bf16")
+    distributed = world_size > 1
+    if distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    seed_everything(cfg.seed)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return Runtime(device, precision, rank, local_rank, world_size, distributed)
+
+
+def teardown(ctx: Runtime) -> None:
+    if ctx.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Components:
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    train_loader: Any
+    val_batches: list[dict]
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    data_stats: dict
+
+
+def build_components(cfg: Config, ctx: Runtime) -> Components:
+    cache_dir = Path(cfg.output_dir) / "cache"
+    data = build_datasets(cfg.data, seed=cfg.seed, cache_dir=cache_dir, cache=cfg.loader.cache)
+    loader = build_train_loader(
+        data.train,
+        cfg.loader,
+        batch_size=cfg.trainer.micro_batch_size,
+        seed=cfg.seed,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    val_batches = make_val_batches(data.val, cfg.trainer.micro_batch_size, cfg.trainer.val_max_structures)
+    model = build_model(cfg.model).to(ctx.device)
+    ddp_model = model
+    if ctx.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(cfg.optim, model)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.trainer.accumulation_steps))
+    total_steps = cfg.trainer.epochs * steps_per_epoch
+    if cfg.trainer.max_steps is not None:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    scheduler = build_scheduler(
+        cfg.scheduler, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    scaler = torch.amp.GradScaler("cuda") if ctx.precision == "fp16" else None
+    return Components(
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_loader=loader,
+        val_batches=val_batches,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps(cfg.scheduler, steps_per_epoch),
+        data_stats=data.stats,
+    )
+
+
+def make_val_batches(dataset, batch_size: int, limit: int) -> list[dict]:
+    """Validation batches in a fixed order (CPU tensors), at most ``limit`` structures."""
+    n = min(len(dataset), limit)
+    samples = [dataset[i] for i in range(n)]
+    return [collate(samples[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+# ---------------------------------------------------------------------------- DDP helpers
+def all_reduce_mean(tensor: torch.Tensor, ctx: Runtime) -> torch.Tensor:
+    if ctx.distributed:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= ctx.world_size
+    return tensor
+
+
+def broadcast_stop(reason: str | None, ctx: Runtime) -> str | None:
+    """Rank 0 decides to stop (early stopping, pruning); every rank follows."""
+    if not ctx.distributed:
+        return reason
+    box = [reason]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def no_sync(model: torch.nn.Module):
+    """Skip the DDP gradient all-reduce on micro-batches before the last of a window."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def free_memory(device: torch.device) -> None:
+    """Called only after an OOM: drop references and return cached blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- run and tracking
+def new_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.output_dir) / "runs" / f"{stamp}-{secrets.token_hex(3)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    return f"{cfg.scenario or 'custom'}-{cfg.preset or 'default'}-{model_hash(cfg)[:6]}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def build_run_tracker(
+    cfg: Config,
+    ctx: Runtime,
+    *,
+    run_id: str | None,
+    parent_run_id: str | None,
+    extra_tags: dict[str, Any],
+) -> Tracker:
+    tags = {
+        "scenario": cfg.scenario or "custom",
+        "preset": cfg.preset,
+        "git_commit": git_commit(),
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "precision": ctx.precision,
+        "world_size": ctx.world_size,
+        "model_hash": model_hash(cfg),
+        **extra_tags,
+    }
+    return build_tracker(
+        cfg.tracking,
+        run_name=run_name(cfg),
+        run_id=run_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+        enabled=ctx.rank == 0,
+    )
+
+
+def log_run_inputs(tracker: Tracker, cfg: Config, run_dir: Path, data_stats: dict) -> None:
+    resolved = to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(resolved)
+    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_text(resolved, "config/resolved.yaml")
+    tracker.log_text(json.dumps(data_stats, indent=2, default=str), "data/stats.json")
+    skipped = data_stats.get("skipped_files")
+    if isinstance(skipped, (int, float)):
+        tracker.log_metrics({"data/skipped_files": float(skipped)}, step=0)
+
+
+def write_health_report(tracker: Tracker, run_dir: Path, report: dict, markdown: str) -> None:
+    folder = run_dir / "health"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=float)
+    (folder / "report.json").write_text(text)
+    (folder / "report.md").write_text(markdown)
+    tracker.log_text(text, "health/report.json")
+    tracker.log_text(markdown, "health/report.md")
+
+
+def log_final_artifacts(tracker: Tracker, cfg: Config, checkpoints, history: dict) -> None:
+    """Last and best checkpoints, and the training-curve plot."""
+    if cfg.tracking.log_checkpoints:
+        for path in (checkpoints.last_path, checkpoints.directory / "best.pt"):
+            if path is not None and Path(path).is_file():
+                tracker.log_artifact(path, "checkpoints")
+                tracker.log_artifact(Path(str(path) + ".sha256"), "checkpoints")
+    figure = plot_history(history)
+    if figure is not None:
+        tracker.log_figure(figure, "plots/training.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def plot_history(history: dict[str, list[tuple[int, float]]]):
+    keys = [k for k in ("train/loss", "train/grad_norm", "train/lr", "val/lddt") if history.get(k)]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, keys):
+        steps, values = zip(*history[key])
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        if key in ("train/loss", "train/grad_norm") and min(values) > 0:
+            ax.set_yscale("log")
+    figure.tight_layout()
+    return figure
+

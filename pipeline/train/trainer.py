@@ -1,0 +1,579 @@
+"""The training loop: ``train(config) -> TrainResult`` and the :class:`Trainer` behind it.
+
+``Trainer.fit`` reads as its phases: resume, then per epoch: train windows of micro-batches
+(forward/backward with accumulation, finite check, clip, step), log, checkpoint, validate, stop.
+Components decide when they act (``should_*``); recovery is explicit and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config.loader import model_hash, to_dict
+from pipeline.config.schema import Config
+from pipeline.errors import CheckpointError, PipelineError
+from pipeline.monitor.health import HealthMonitor, report_markdown
+from pipeline.monitor.perf import StepTimer, memory_metrics
+from pipeline.train import runtime
+from pipeline.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from pipeline.train.faults import FaultInjector
+from pipeline.train.validate import Validator
+
+log = logging.getLogger(__name__)
+
+#: ``on_validation(samples_seen, metrics) -> "prune" | None``: lets the tuner stop a trial.
+ValidationCallback = Callable[[int, dict[str, float]], str | None]
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written")
+        self.signum = signum
+
+
+class NonFiniteStop(PipelineError):
+    """Too many non-finite updates in a row: the run stopped with a health report."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    status: str  # finished | early_stopped | pruned
+    step: int
+    epoch: int
+    samples_seen: int
+    best_metric: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    health_status: str = "healthy"
+    run_dir: str = ""
+
+
+def train(
+    config: Config,
+    *,
+    resume: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    on_validation: ValidationCallback | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a Diffold model as ``config`` says; the CLI, the tuner and the tests call this.
+
+    ``resume`` is ``"auto"`` (newest valid checkpoint under ``output_dir``), a checkpoint path,
+    or ``None`` (fresh run). ``run_id`` continues an existing MLflow run (``mlflow run`` sets
+    ``MLFLOW_RUN_ID``); ``parent_run_id`` makes the run a child (a tuning trial).
+    """
+    ctx = runtime.setup(config)
+    checkpoint = _find_resume_checkpoint(config, resume)
+    trainer = Trainer(
+        config,
+        ctx,
+        checkpoint=checkpoint,
+        run_id=run_id,
+        parent_run_id=parent_run_id,
+        on_validation=on_validation,
+        extra_tags=extra_tags or {},
+    )
+    try:
+        return trainer.fit()
+    finally:
+        runtime.teardown(ctx)
+
+
+def _find_resume_checkpoint(config: Config, resume: str | None) -> dict | None:
+    if resume is None:
+        return None
+    from pipeline.train.checkpoint import find_latest
+
+    if resume == "auto":
+        path = find_latest(Path(config.output_dir))
+        if path is None:
+            log.info("--resume auto: no valid checkpoint under %s; starting fresh", config.output_dir)
+            return None
+    else:
+        path = Path(resume)
+    state = load_checkpoint(path)
+    if state.get("model_hash") != model_hash(config):
+        raise CheckpointError(
+            f"checkpoint {path}: written for another model configuration "
+            f"(model hash {state.get('model_hash')} != {model_hash(config)})"
+        )
+    log.info("resuming from %s (step %d)", path, state["step"])
+    state["path"] = str(path)
+    return state
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: runtime.Runtime,
+        *,
+        checkpoint: dict | None,
+        run_id: str | None,
+        parent_run_id: str | None,
+        on_validation: ValidationCallback | None,
+        extra_tags: dict[str, Any],
+    ):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.device = ctx.device
+        self.on_validation = on_validation
+        parts = runtime.build_components(cfg, ctx)
+        self.model, self.ddp_model = parts.model, parts.ddp_model
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.loader, self.val_batches = parts.train_loader, parts.val_batches
+        self.steps_per_epoch, self.total_steps = parts.steps_per_epoch, parts.total_steps
+        self.data_stats = parts.data_stats
+        self.faults = FaultInjector(cfg.faults)
+        self.timer = StepTimer(cfg.monitor)
+        self.health = HealthMonitor(
+            cfg.health, base_lr=cfg.optim.lr, warmup_steps=parts.warmup_steps
+        )
+        # Loop state (all of it goes into checkpoints).
+        self.step = 0
+        self.epoch = 0
+        self.samples_seen = 0
+        self.batch_in_epoch = 0
+        self.split = 1  # micro-batches are split in this many chunks after OOMs
+        self.best_metric: float | None = None
+        self.bad_validations = 0
+        self.counts = {"oom_recoveries": 0, "non_finite_skipped": 0, "slow_steps": 0}
+        self.consecutive_non_finite = 0
+        self.last_val: dict[str, float] = {}
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._stop_signal: int | None = None
+        self._stop_reason: str | None = None
+        self._window_wait = 0.0  # seconds blocked on the loader for the current window
+
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            run_dir = Path(checkpoint["run_dir"])
+            run_id = run_id or checkpoint.get("run_id")
+        else:
+            run_dir = runtime.new_run_dir(cfg)
+        self.run_dir = run_dir
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
+        self.tracker = runtime.build_run_tracker(
+            cfg, ctx, run_id=run_id, parent_run_id=parent_run_id, extra_tags=extra_tags
+        )
+        self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
+        if checkpoint is None:
+            runtime.log_run_inputs(self.tracker, cfg, run_dir, self.data_stats)
+        log.info(
+            "run %s: %d steps/epoch, %d optimizer steps in all, output %s",
+            self.tracker.run_id or "(untracked)",
+            self.steps_per_epoch,
+            self.total_steps,
+            run_dir,
+        )
+
+    # ================================================================== phases
+    def fit(self) -> TrainResult:
+        status = "FAILED"
+        try:
+            with self._signal_handlers():
+                while not self.should_stop():
+                    self.train_epoch()
+                    self.end_epoch()
+            status = "FINISHED"
+            return self._finish()
+        except Interrupted:
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            self._save_on_failure(exc)
+            raise
+        finally:
+            self._close_tracker(status)
+
+    def train_epoch(self) -> None:
+        self.loader.set_epoch(self.epoch)
+        n_batches = len(self.loader)
+        window: list[dict] = []
+        for batch in self.loader:
+            window.append(batch)
+            self._window_wait += getattr(self.loader, "last_wait_s", 0.0)
+            self.batch_in_epoch += 1
+            at_end = self.batch_in_epoch >= n_batches
+            if len(window) < self.cfg.trainer.accumulation_steps and not at_end:
+                continue
+            self.optimizer_step(window)
+            window = []
+            self.after_step()
+            if self.should_stop():
+                return
+
+    def optimizer_step(self, window: list[dict]) -> None:
+        start = time.perf_counter()
+        data_wait, self._window_wait = self._window_wait, 0.0
+        n_structures = sum(len(b["names"]) for b in window)
+        loss, terms = self._forward_backward_with_recovery(window, n_structures)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.trainer.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # pre-clip
+        # One host sync per optimizer step: the update must not happen on non-finite values.
+        stats = torch.stack([loss.float(), grad_norm.float()])
+        stats = runtime.all_reduce_mean(stats, self.ctx)
+        loss_value, grad_norm_value = stats.tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.consecutive_non_finite = 0
+        else:
+            self._skip_non_finite(loss_value, grad_norm_value)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.samples_seen += n_structures * self.ctx.world_size
+        fired = self.health.observe(self.step, loss=loss_value, grad_norm=grad_norm_value, lr=lr)
+        step_s = time.perf_counter() - start + data_wait
+        slow = self.timer.observe(self.step, step_s=step_s, data_wait_s=data_wait)
+        if slow:
+            self.counts["slow_steps"] += 1
+            log.warning("slow step %d: %.0f ms vs median %.0f ms (cause: %s)", self.step,
+                        1000 * slow["step_s"], 1000 * slow["median_s"], slow["cause"])
+        if self.should_log() or fired:
+            self._log_step(loss_value, terms, grad_norm_value, lr, step_s, data_wait, window)
+
+    def after_step(self) -> None:
+        self.faults.after_step(self.step)
+        if self.should_checkpoint():
+            self.save_checkpoint()
+        if self.health.cfg.enabled and self.step % self.health.cfg.report_every_steps == 0:
+            self._log_health_report()
+        if self._stop_signal is not None:
+            self.save_checkpoint(blocking=True)
+            self.tracker.set_tags({"stop_reason": signal.Signals(self._stop_signal).name})
+            raise Interrupted(self._stop_signal)
+
+    def end_epoch(self) -> None:
+        finished_epoch = self.batch_in_epoch >= len(self.loader)
+        if not finished_epoch:
+            return  # stopped mid-epoch (max_steps or a stop request)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        if self.should_validate():
+            self.validate()
+        self.save_checkpoint()
+
+    def validate(self) -> dict[str, float]:
+        metrics = self.validator.run(self.epoch) if self.ctx.rank == 0 else {}
+        self.last_val = metrics
+        self.tracker.log_metrics(metrics, step=self.step)
+        self._remember(metrics)
+        es = self.cfg.trainer.early_stopping
+        value = metrics.get(es.metric)
+        if value is not None:
+            better = self.best_metric is None or (
+                value > self.best_metric + es.min_delta
+                if es.mode == "max"
+                else value < self.best_metric - es.min_delta
+            )
+            if better:
+                self.best_metric = value
+                self.bad_validations = 0
+                self.checkpoints.save_as(self._state(), "best.pt")
+            else:
+                self.bad_validations += 1
+        if es.enabled and self.bad_validations >= es.patience:
+            self._stop_reason = "early_stopped"
+        if self.on_validation is not None and self.ctx.rank == 0:
+            if self.on_validation(self.samples_seen, metrics) == "prune":
+                self._stop_reason = "pruned"
+        self._stop_reason = runtime.broadcast_stop(self._stop_reason, self.ctx)
+        log.info(
+            "epoch %d step %d: %s",
+            self.epoch,
+            self.step,
+            " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
+        )
+        return metrics
+
+    # ================================================================== decisions
+    def should_stop(self) -> bool:
+        if self._stop_reason is not None:
+            return True
+        if self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps:
+            return True
+        return self.epoch >= self.cfg.trainer.epochs
+
+    def should_log(self) -> bool:
+        return self.step % self.cfg.tracking.log_every_steps == 0 or self.step == 1
+
+    def should_checkpoint(self) -> bool:
+        every = self.cfg.trainer.checkpoint_every_steps
+        return every is not None and self.step % every == 0
+
+    def should_validate(self) -> bool:
+        last_epoch = self.epoch >= self.cfg.trainer.epochs or (
+            self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
+        )
+        return self.epoch % self.cfg.trainer.eval_every_epochs == 0 or last_epoch
+
+    # ================================================================== step internals
+    def _forward_backward_with_recovery(
+        self, window: list[dict], n_structures: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for attempt in range(self.cfg.recovery.max_oom_retries + 1):
+            try:
+                return self._forward_backward(window, n_structures)
+            except torch.OutOfMemoryError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                runtime.free_memory(self.device)
+                largest = max(len(b["names"]) for b in window)
+                can_split = self.cfg.recovery.oom and largest > self.split
+                if not can_split or attempt == self.cfg.recovery.max_oom_retries:
+                    raise
+                self.split *= 2
+                self.counts["oom_recoveries"] += 1
+                log.warning(
+                    "OOM at step %d (micro-batch %d, crop %d): retrying the same samples in "
+                    "%d chunks per micro-batch (%s)",
+                    self.step + 1,
+                    largest,
+                    max(int(b["lengths"].max()) for b in window),
+                    self.split,
+                    str(exc).splitlines()[0],
+                )
+        raise AssertionError("unreachable")
+
+    def _forward_backward(
+        self, window: list[dict], n_structures: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Accumulate gradients of the sample-weighted mean loss over the whole window."""
+        chunks = [c for b in window for c in split_batch(b, self.split)]
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(chunks):
+            weight = len(chunk["names"]) / n_structures
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last else runtime.no_sync(self.ddp_model)
+            self.faults.before_forward(self.step + 1)
+            with sync:
+                with self.ctx.autocast():
+                    out = self.ddp_model(chunk)
+                loss = self.faults.corrupt_loss(self.step + 1, out["loss"].float())
+                scaled = loss * weight
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            total = total + loss.detach() * weight
+            for name, value in out["terms"].items():
+                terms[name] = terms.get(name, 0.0) + value.detach().float() * weight
+        return total, terms
+
+    def _skip_non_finite(self, loss: float, grad_norm: float) -> None:
+        self.counts["non_finite_skipped"] += 1
+        self.consecutive_non_finite += 1
+        log.warning(
+            "step %d: non-finite loss %s / grad norm %s: update skipped (%d in a row)",
+            self.step + 1,
+            loss,
+            grad_norm,
+            self.consecutive_non_finite,
+        )
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the fp16 loss scale, as GradScaler does
+        recovery = self.cfg.recovery
+        if recovery.non_finite == "stop" or (
+            self.consecutive_non_finite >= recovery.max_consecutive_non_finite
+        ):
+            self._log_health_report()
+            raise NonFiniteStop(
+                f"training stopped at step {self.step + 1}: {self.consecutive_non_finite} "
+                f"non-finite update(s) in a row (recovery.non_finite={recovery.non_finite}); "
+                f"see health/report.md"
+            )
+
+    def _log_step(self, loss, terms, grad_norm, lr, step_s, data_wait, window) -> None:
+        residues = sum(int(b["lengths"].sum()) for b in window) * self.ctx.world_size
+        structures = sum(len(b["names"]) for b in window) * self.ctx.world_size
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/epoch": self.epoch + self.batch_in_epoch / max(len(self.loader), 1),
+            "train/samples_seen": float(self.samples_seen),
+            "perf/step_time_ms": 1000 * step_s,
+            "perf/data_wait_ms": 1000 * data_wait,
+            "perf/samples_per_s": structures / step_s,
+            "perf/residues_per_s": residues / step_s,
+            "perf/micro_batch_size": float(self.cfg.trainer.micro_batch_size // self.split),
+            **{f"train/loss/{k}": float(v) for k, v in terms.items()},
+            **{f"recovery/{k}": float(v) for k, v in self.counts.items()},
+            **memory_metrics(self.device),
+        }
+        if self.health.cfg.enabled:
+            metrics.update(self.health.metrics())
+        self.tracker.log_metrics(metrics, step=self.step)
+        self._remember({k: metrics[k] for k in ("train/loss", "train/lr", "train/grad_norm")})
+        log.info(
+            "step %d/%d loss %.4f lr %.3g grad %.3g %.0f ms",
+            self.step,
+            self.total_steps,
+            loss,
+            lr,
+            grad_norm,
+            1000 * step_s,
+        )
+
+    def _remember(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append((self.step, float(value)))
+
+    # ================================================================== checkpoints
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "data": self.loader.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen,
+            "best_metric": self.best_metric,
+            "bad_validations": self.bad_validations,
+            "split": self.split,
+            "counts": dict(self.counts),
+            "model_hash": model_hash(self.cfg),
+            "config": to_dict(self.cfg),
+            "run_id": self.tracker.run_id,
+            "run_dir": str(self.run_dir),
+        }
+
+    def save_checkpoint(self, *, blocking: bool = False) -> None:
+        if self.ctx.rank == 0:
+            self.checkpoints.save(self._state(), self.step, blocking=blocking)
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "best_metric",
+                    "bad_validations", "split"):
+            setattr(self, key, state[key])
+        self.counts.update(state["counts"])
+
+    def _save_on_failure(self, exc: BaseException) -> None:
+        """A failing run checkpoints first (unless the weights themselves are bad)."""
+        if isinstance(exc, (NonFiniteStop, KeyboardInterrupt)) or self.step == 0:
+            return
+        try:
+            self.checkpoints.wait()
+        except Exception:  # the failed background write is reported by the original error
+            pass
+        try:
+            if all(torch.isfinite(p).all() for p in self.model.parameters()):
+                self.save_checkpoint(blocking=True)
+                log.error("run failed at step %d; checkpoint written: %s", self.step,
+                          self.checkpoints.last_path)
+        except Exception as save_error:
+            log.error("could not write a checkpoint after the failure: %s", save_error)
+
+    # ================================================================== end of run
+    def _finish(self) -> TrainResult:
+        if self.ctx.rank == 0 and self.checkpoints.last_path != self._expected_last_path():
+            self.save_checkpoint(blocking=True)
+        self.checkpoints.wait()
+        self._log_health_report()
+        runtime.log_final_artifacts(self.tracker, self.cfg, self.checkpoints, self.history)
+        status = self._stop_reason or "finished"
+        self.tracker.set_tags({"status": status, "health": self.health.overall_status})
+        return TrainResult(
+            run_id=self.tracker.run_id,
+            status=status,
+            step=self.step,
+            epoch=self.epoch,
+            samples_seen=self.samples_seen,
+            best_metric=self.best_metric,
+            metrics=dict(self.last_val),
+            checkpoint=str(self.checkpoints.last_path) if self.checkpoints.last_path else None,
+            health_status=self.health.overall_status,
+            run_dir=str(self.run_dir),
+        )
+
+    def _expected_last_path(self) -> Path:
+        return self.checkpoints.directory / f"step-{self.step:08d}.pt"
+
+    def _log_health_report(self) -> None:
+        if not self.health.cfg.enabled:
+            return
+        report = self.health.report()
+        report["recovery"] = dict(self.counts)
+        report["slow_steps"] = self.timer.slow_steps[-20:]
+        runtime.write_health_report(self.tracker, self.run_dir, report, report_markdown(report))
+
+    def _close_tracker(self, status: str) -> None:
+        if status == "FINISHED" and self._stop_reason == "pruned":
+            status = "KILLED"
+        try:
+            self.checkpoints.wait()
+        finally:
+            self.tracker.close(status)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGTERM/SIGINT: finish the current step, checkpoint, flush, exit non-zero."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """Split a padded batch along structures into ``parts`` chunks, trimming extra padding."""
+    n = len(batch["names"])
+    if parts <= 1 or n <= 1:
+        return [batch]
+    size = math.ceil(n / parts)
+    chunks = []
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        length = int(batch["lengths"][sl].max())
+        chunk = {}
+        for key, value in batch.items():
+            if key == "names":
+                chunk[key] = value[sl]
+            elif key == "lengths":
+                chunk[key] = value[sl]
+            else:
+                chunk[key] = value[sl, :length]
+        chunks.append(chunk)
+    return chunks

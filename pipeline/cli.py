@@ -25,10 +25,33 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102 - argparse API
         raise PipelineError(f"{self.prog}: {message}")
 
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options are reported by the sub-command that received them.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            prog = f"{self.prog} {parsed.command}" if getattr(parsed, "command", None) else self.prog
+            raise PipelineError(f"{prog}: unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
 
 def _blank_is_none(value: str | None) -> str | None:
     """MLproject passes unset parameters as empty strings."""
     return value if value not in (None, "", "none", "None") else None
+
+
+def _optional(kind: type):
+    """A converter that reads an empty string as "not given" and names the expected type."""
+
+    def convert(value: str):
+        if _blank_is_none(value) is None:
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {value!r}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, scenario_default: str | None = None) -> None:
@@ -72,23 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("evaluate", help="score a trained model or external predictions")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=_blank_is_none, help="checkpoint file")
-    src.add_argument("--run-id", type=_blank_is_none, help="MLflow run whose checkpoint to use")
-    src.add_argument("--predictions", help="predicted structure file or directory")
-    p.add_argument("--reference", help="native structure (with --predictions)")
+    p.add_argument("--checkpoint", type=_blank_is_none, help="checkpoint file")
+    p.add_argument("--run-id", type=_blank_is_none, help="MLflow run whose checkpoint to use")
+    p.add_argument("--predictions", type=_blank_is_none, help="predicted structure file or dir")
+    p.add_argument("--reference", type=_blank_is_none, help="native structure (with --predictions)")
     p.add_argument(
         "--atoms", default="all", choices=["all", "C3'", "C1'", "C4'", "P"], help="atom set"
     )
-    p.add_argument("--output", help="CSV file for per-model or per-target results")
-    p.add_argument("--n-samples", type=int, default=5, help="structures sampled per target")
+    p.add_argument("--output", type=_blank_is_none, help="CSV file of per-model/target results")
+    p.add_argument(
+        "--n-samples", type=_optional(int), default=5, help="structures sampled per target"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--overrides", dest="override_string", default="")
 
     p = sub.add_parser("tune", help="search hyperparameters with Optuna")
     _add_config_args(p)
-    p.add_argument("--n-trials", type=int, default=None, help="trials to run")
-    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--n-trials", type=_optional(int), default=None, help="trials to run")
+    p.add_argument("--timeout", type=_optional(float), default=None, help="stop after N seconds")
     p.add_argument("--storage", type=_blank_is_none, help="Optuna storage URL")
     p.add_argument("--study-name", type=_blank_is_none, help="study name (resumes if it exists)")
     p.add_argument("--tune-config", type=_blank_is_none, help="search-space file (configs/tune.yaml)")
@@ -134,6 +158,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import evaluate_external, evaluate_model
 
+    sources = [name for name in ("checkpoint", "run_id", "predictions") if getattr(args, name)]
+    if len(sources) != 1:
+        raise PipelineError(
+            "evaluate: give exactly one of --checkpoint, --run-id, --predictions"
+            + (f" (got {', '.join('--' + s.replace('_', '-') for s in sources)})" if sources else "")
+        )
     if args.predictions:
         if not args.reference:
             raise PipelineError("evaluate: --reference is required with --predictions")

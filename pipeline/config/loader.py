@@ -143,6 +143,17 @@ def from_dict(data: dict) -> Config:
     return config
 
 
+def parse_section(cls: type, data: Any, prefix: str = "") -> Any:
+    """Any config dataclass (not only :class:`Config`) from a mapping, validated the same way."""
+    errors: list[str] = []
+    section = _build(cls, data, prefix, errors)
+    if not errors and callable(getattr(section, "validate", None)):
+        errors.extend(section.validate())
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return section
+
+
 def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
     if not isinstance(data, dict):
         errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
@@ -160,6 +171,15 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, data[name], key + ".", errors)
+            continue
+        if typing.get_origin(hint) is dict:  # a mapping of name -> config dataclass
+            value_type = typing.get_args(hint)[1]
+            if not isinstance(data[name], dict):
+                errors.append(f"{key}: expected a mapping, got {_show(data[name])}")
+                continue
+            kwargs[name] = {
+                k: _build(value_type, v, f"{key}.{k}.", errors) for k, v in data[name].items()
+            }
             continue
         value, problem = _coerce(data[name], hint)
         if problem is None:
@@ -192,12 +212,12 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if origin is list:
         (item_type,) = args
         if not isinstance(value, list):
-            return None, f"a list of {_describe(item_type)}"
+            return None, f"a list of {_plural(item_type)}"
         items = []
         for item in value:
             converted, problem = _coerce(item, item_type)
             if problem is not None:
-                return None, f"a list of {_describe(item_type)}"
+                return None, f"a list of {_plural(item_type)}"
             items.append(converted)
         return items, None
     if hint is bool:
@@ -262,9 +282,14 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        return f"a list of {_plural(typing.get_args(hint)[0])}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    names = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    return names.get(hint, "values of " + _describe(hint))
 
 
 def _show(value: Any) -> str:

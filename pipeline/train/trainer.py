@@ -423,6 +423,14 @@ class Trainer:
             **{f"recovery/{k}": float(v) for k, v in self.counts.items()},
             **memory_metrics(self.device),
         }
+        used = metrics.get("perf/gpu_mem_used_fraction", 0.0)
+        if used > self.cfg.monitor.memory_warning_fraction:
+            self.counts["memory_pressure"] = self.counts.get("memory_pressure", 0) + 1
+            log.warning(
+                "device memory %.0f%% of capacity at step %d (micro-batch %d): lower "
+                "trainer.micro_batch_size or use the memory scenario",
+                100 * used, self.step, self.cfg.trainer.micro_batch_size // self.split,
+            )
         if self.health.cfg.enabled:
             metrics.update(self.health.metrics())
         self.tracker.log_metrics(metrics, step=self.step)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config.schema import Config
 from pipeline.data.features import REPRESENTATIVE_ATOM, features_only
-from pipeline.metrics import lddt, plddt_correlation, score_batch
+from pipeline.metrics import lddt, pearson, score_batch
 
 
 class Validator:
@@ -53,9 +53,7 @@ class Validator:
                 lddt_all.append(per_residue[mask])
         self.model.train(was_training)
         metrics = {k: v / n_structures for k, v in sums.items()}
-        metrics["val/plddt_pearson"] = plddt_correlation(
-            torch.cat(plddt_all), torch.cat(lddt_all)
-        )
+        metrics["val/plddt_pearson"] = pearson(torch.cat(plddt_all), torch.cat(lddt_all))
         return metrics
 
     def _score(self, batch: dict, generator: torch.Generator):

@@ -1,0 +1,141 @@
+"""End to end on the CPU: train (debug) -> MLflow run -> evaluate -> tune; and `mlflow run`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# Small enough for CI, large enough to have several optimizer steps and two validations.
+FAST = [
+    "--set", "data.n_train=32",
+    "--set", "data.n_val=4",
+    "--set", "trainer.epochs=2",
+    "--set", "trainer.val_max_structures=4",
+    "--set", "tracking.system_interval_s=1",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("e2e")
+    old_cwd = os.getcwd()
+    old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(path)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow.db'}"
+    yield path
+    os.chdir(old_cwd)
+    if old_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    out = workdir / "outputs"
+    code = main(["train", "--scenario", "debug", *FAST, "--set", f"output_dir={out}"])
+    assert code == 0
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("diffold").experiment_id])
+    assert len(runs) == 1
+    return runs[0], out
+
+
+def test_train_run_is_tracked(trained):
+    run, _ = trained
+    client = mlflow.MlflowClient()
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["trainer.epochs"] == "2" and params["data.n_train"] == "32"
+    assert params["scenario"] == "debug" and params["optim.lr"] == str(3e-4)
+    assert run.data.tags["scenario"] == "debug" and run.data.tags["preset"] == "small_model"
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(loss) >= 4 and len({m.step for m in loss}) == len(loss)
+    lddt = client.get_metric_history(run.info.run_id, "val/lddt")
+    assert len(lddt) == 2 and all(0.0 <= m.value <= 1.0 for m in lddt)
+    for key in ("val/rmsd", "val/gdt_ts", "val/tm_score", "val/plddt_pearson", "train/lr",
+                "train/grad_norm", "perf/step_time_ms", "perf/data_wait_ms", "health/status"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert any(p.endswith(".pt") for p in artifacts)
+    resolved = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/resolved.yaml")
+    assert "n_train: 32" in resolved
+    report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/health/report.md")
+    assert "Overall status" in report
+
+
+def test_checkpoint_loads_weights_only(trained):
+    _, out = trained
+    ckpt = sorted(out.glob("runs/*/checkpoints/step-*.pt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "rng", "data", "step", "epoch", "model_hash"):
+        assert key in state
+
+
+def test_evaluate_run_id(trained, workdir):
+    run, _ = trained
+    output = workdir / "eval" / "targets.csv"
+    assert main(["evaluate", "--run-id", run.info.run_id, "--n-samples", "2",
+                 "--output", str(output)]) == 0
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 4
+    assert all(0.0 <= float(r["lddt"]) <= 1.0 and float(r["rmsd"]) >= 0 for r in rows)
+    client = mlflow.MlflowClient()
+    evals = [r for r in client.search_runs([run.info.experiment_id])
+             if r.data.tags.get("role") == "evaluate"]
+    assert len(evals) == 1 and evals[0].info.status == "FINISHED"
+    assert evals[0].data.tags["source_run_id"] == run.info.run_id
+    assert "val/lddt" in evals[0].data.metrics
+
+
+def test_tune_two_trials_parent_and_children(workdir):
+    out = workdir / "tune-out"
+    code = main(["tune", "--n-trials", "2", "--scenario", "debug", *FAST,
+                 "--set", "trainer.epochs=1", "--set", f"output_dir={out}",
+                 "--study-name", "e2e"])
+    assert code == 0
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("diffold").experiment_id
+    parents = [r for r in client.search_runs([exp]) if r.data.tags.get("role") == "tune-parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    assert len(children) == 2
+    assert all("val/lddt" in c.data.metrics for c in children)
+    searched = {c.data.params["trainer.accumulation_steps"] for c in children}
+    assert searched <= {"1", "2", "4", "8"}
+    best = out / "tune" / "e2e" / "best_config.yaml"
+    assert best.is_file() and "accumulation_steps" in best.read_text()
+
+
+def test_mlflow_run_entry_point(tmp_path):
+    """`mlflow run . -e train` exactly as the README says, on the shipped synthetic data."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    overrides = " ".join(a for a in FAST if a != "--set") + f" output_dir={tmp_path / 'out'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train",
+         "-P", "scenario=debug", "-P", "epochs=1", "-P", f"overrides={overrides}",
+         "--env-manager", "local", "--experiment-name", "mlproject"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    assert len(runs) == 1  # the trainer logged into the run that `mlflow run` created
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.epochs"] == "1"
+    assert "train/loss" in run.data.metrics and "val/lddt" in run.data.metrics

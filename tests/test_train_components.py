@@ -1,0 +1,227 @@
+"""Trainer building blocks: schedules, Lion, checkpoints, health checks, batch splitting."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import CheckpointError
+from pipeline.monitor.health import HealthConfig, HealthMonitor, report_markdown
+from pipeline.train.checkpoint import (
+    CheckpointManager,
+    find_latest,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from pipeline.train.optim import Lion, OptimConfig, build_optimizer, parameter_groups
+from pipeline.train.schedule import SchedulerConfig, build_scheduler
+from pipeline.train.trainer import split_batch
+
+
+def _lrs(cfg: SchedulerConfig, total: int, per_epoch: int, lr: float = 1.0) -> list[float]:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = build_scheduler(cfg, opt, total_steps=total, steps_per_epoch=per_epoch)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine_at_every_step():
+    cfg = SchedulerConfig(name="cosine", warmup_epochs=1.0, warmup_start_factor=0.1, min_lr_ratio=0.0)
+    lrs = _lrs(cfg, total=12, per_epoch=4)
+    # Linear warmup over 4 steps from 0.1, then cosine from 1 to 0 over the remaining 8.
+    expected = [0.1 + 0.9 * i / 4 for i in range(4)]
+    expected += [0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+def test_cosine_restarts_warm_up_once():
+    cfg = SchedulerConfig(
+        name="cosine_restarts", warmup_steps=2, warmup_start_factor=0.5, restart_epochs=1.0,
+        min_lr_ratio=0.0,
+    )
+    lrs = _lrs(cfg, total=10, per_epoch=4)
+    cycle = [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert lrs == pytest.approx([0.5, 0.75] + cycle + cycle, abs=1e-9)
+
+
+def test_constant_after_warmup():
+    lrs = _lrs(SchedulerConfig(name="constant", warmup_steps=2, warmup_start_factor=0.5), 6, 3)
+    assert lrs == pytest.approx([0.5, 0.75, 1, 1, 1, 1])
+
+
+def test_schedule_resumes_identically():
+    cfg = SchedulerConfig(name="cosine", warmup_steps=3)
+    full = _lrs(cfg, 10, 5)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = build_scheduler(cfg, opt, total_steps=10, steps_per_epoch=5)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt2.load_state_dict(opt.state_dict())
+    sched2 = build_scheduler(cfg, opt2, total_steps=10, steps_per_epoch=5)
+    sched2.load_state_dict(state)
+    resumed = []
+    for _ in range(4):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx(full[6:])
+
+
+def test_lion_update_rule():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    m = torch.randn(5)
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    opt.state[p]["exp_avg"] = m.clone()
+    g = torch.randn(5)
+    p.grad = g.clone()
+    before = p.detach().clone()
+    opt.step()
+    expected = before * (1 - 0.1 * 0.5) - 0.1 * torch.sign(0.9 * m + 0.1 * g)
+    assert torch.allclose(p.detach(), expected)
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.99 * m + 0.01 * g)
+
+
+def test_no_weight_decay_on_vectors():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = parameter_groups(model, 0.1)
+    assert [p.ndim for p in groups[0]["params"]] == [2]
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0
+    for name in ("adamw", "lion", "sgd"):
+        opt = build_optimizer(OptimConfig(name=name), model)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_checkpoint_write_verify_load(tmp_path):
+    path = tmp_path / "checkpoints" / "step-00000001.pt"
+    write_checkpoint(path, {"format_version": 1, "w": torch.arange(4), "rng": rng_state()})
+    assert verify_checkpoint(path) is None
+    state = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.arange(4))
+
+
+def test_corrupt_and_partial_checkpoints_are_detected(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    good = folder / "step-00000001.pt"
+    write_checkpoint(good, {"format_version": 1, "step": 1})
+    bad = folder / "step-00000002.pt"
+    write_checkpoint(bad, {"format_version": 1, "step": 2})
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit... byte
+    bad.write_bytes(bytes(data))
+    partial = folder / "step-00000003.pt"
+    partial.write_bytes(b"half a file")  # no checksum file: an interrupted write
+    import os
+    import time
+
+    now = time.time()
+    for i, p in enumerate((good, bad, partial)):
+        os.utime(p, (now + i, now + i))
+    assert verify_checkpoint(bad) == "checksum mismatch (corrupt or truncated)"
+    assert find_latest(tmp_path) == good
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(bad)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_checkpoint(path, verify=False)
+
+
+def test_manager_keeps_last_k_and_writes_in_background(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    tensor = torch.zeros(3)
+    for step in (1, 2, 3):
+        manager.save({"t": tensor}, step)
+        tensor += 1  # training goes on; the snapshot must not see this
+    manager.wait()
+    names = sorted(p.name for p in tmp_path.glob("step-*.pt"))
+    assert names == ["step-00000002.pt", "step-00000003.pt"]
+    assert torch.equal(load_checkpoint(tmp_path / "step-00000003.pt")["t"], torch.full((3,), 2.0))
+
+
+def _health(**overrides) -> HealthMonitor:
+    return HealthMonitor(HealthConfig(window=10, **overrides), base_lr=1e-3, warmup_steps=2)
+
+
+def test_health_flags_loss_spike_with_suggestion():
+    h = _health()
+    for step in range(1, 11):
+        assert h.observe(step, loss=1.0, grad_norm=1.0, lr=1e-3) == []
+    assert h.observe(11, loss=10.0, grad_norm=1.0, lr=1e-3) == ["loss_spike"]
+    report = h.report()
+    assert report["overall_status"] == "warning"
+    assert report["checks"]["loss_spike"]["evidence"][0]["step"] == 11
+    assert "lower optim.lr to ~0.0005" in report["checks"]["loss_spike"]["suggestion"]
+    assert "loss_spike" in report_markdown(report)
+
+
+def test_health_grad_explosion_uses_pre_clip_norm():
+    h = _health(grad_explosion_norm=100.0)
+    for step in range(1, 6):
+        h.observe(step, loss=1.0, grad_norm=2.0, lr=1e-3)
+    assert h.observe(6, loss=1.0, grad_norm=5000.0, lr=1e-3) == ["grad_explosion"]
+    assert h.report()["checks"]["grad_explosion"]["status"] == "critical"
+
+
+def test_health_vanishing_non_finite_and_lr():
+    h = _health(grad_vanishing_norm=1e-6)
+    assert h.observe(1, loss=1.0, grad_norm=1e-9, lr=1e-3) == []  # during warmup: fine
+    assert h.observe(5, loss=1.0, grad_norm=1e-9, lr=1e-3) == ["grad_vanishing"]
+    assert h.observe(6, loss=float("nan"), grad_norm=1.0, lr=1e-3) == ["non_finite"]
+    assert h.observe(7, loss=1.0, grad_norm=1.0, lr=0.0) == ["lr"]
+    assert h.overall_status == "critical"
+    assert h.metrics()["health/status"] == 2.0
+
+
+def test_health_stagnation():
+    h = _health(stagnation_steps=20, stagnation_min_improvement=0.05)
+    fired = [h.observe(s, loss=1.0 - 1e-4 * s, grad_norm=1.0, lr=1e-3) for s in range(1, 30)]
+    assert any("stagnation" in f for f in fired)
+    h2 = _health(stagnation_steps=20, stagnation_min_improvement=0.05)
+    fired2 = [h2.observe(s, loss=1.0 / s, grad_norm=1.0, lr=1e-3) for s in range(1, 30)]
+    assert not any("stagnation" in f for f in fired2)
+
+
+def test_split_batch_trims_padding_and_keeps_every_structure():
+    lengths = torch.tensor([5, 3, 2, 4])
+    batch = {
+        "aatype": torch.arange(20).reshape(4, 5),
+        "residue_mask": torch.arange(5)[None] < lengths[:, None],
+        "lengths": lengths,
+        "names": ["a", "b", "c", "d"],
+    }
+    chunks = split_batch(batch, 2)
+    assert [c["names"] for c in chunks] == [["a", "b"], ["c", "d"]]
+    assert chunks[0]["aatype"].shape == (2, 5) and chunks[1]["aatype"].shape == (2, 4)
+    assert torch.equal(chunks[1]["aatype"], batch["aatype"][2:, :4])
+    assert split_batch(batch, 1) == [batch]

@@ -71,9 +71,11 @@ def test_schedule_resumes_identically():
         opt.step()
         sched.step()
     state = sched.state_dict()
+    # The trainer's order: build optimizer and scheduler fresh, then load both states (the
+    # scheduler's constructor resets the LR to the warmup start; the optimizer state fixes it).
     opt2 = torch.optim.SGD(model.parameters(), lr=1.0)
-    opt2.load_state_dict(opt.state_dict())
     sched2 = build_scheduler(cfg, opt2, total_steps=10, steps_per_epoch=5)
+    opt2.load_state_dict(opt.state_dict())
     sched2.load_state_dict(state)
     resumed = []
     for _ in range(4):

@@ -74,11 +74,12 @@ def resolve_checkpoint(checkpoint: str | None, run_id: str | None) -> tuple[Path
     if not names:
         raise CheckpointError(f"--run-id {run_id}: the run has no checkpoint artifact")
     name = "best.pt" if "best.pt" in names else names[-1]
-    target = Path(tempfile.mkdtemp(prefix="checkpoint-"))
+    target = tempfile.mkdtemp(prefix="checkpoint-")
+    local = {}
     for suffix in ("", ".sha256"):
         if f"checkpoints/{name}{suffix}" in files:
-            client.download_artifacts(run_id, f"checkpoints/{name}{suffix}", str(target))
-    return target / "checkpoints" / name, run_id
+            local[suffix] = client.download_artifacts(run_id, f"checkpoints/{name}{suffix}", target)
+    return Path(local[""]), run_id
 
 
 def evaluate_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.io.structures import (
     AtomTable,
     ReadReport,
+    StructureFileError,
     read_structure,
     residue_kind,
     table_to_sample,
@@ -14,6 +15,7 @@ from pipeline.io.structures import (
 __all__ = [
     "AtomTable",
     "ReadReport",
+    "StructureFileError",
     "read_structure",
     "residue_kind",
     "table_to_sample",

@@ -13,7 +13,6 @@ Coordinates are in Angstrom throughout.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import tempfile
 from collections import Counter
@@ -25,8 +24,6 @@ import numpy as np
 
 from pipeline.data.features import ATOM_NAMES, NUCLEOTIDES, RNASample
 from pipeline.errors import DataError
-
-log = logging.getLogger(__name__)
 
 #: Modified nucleotides gemmi's residue table does not know (or knows without a parent);
 #: gemmi's table (``one_letter_code`` in lower case) covers most others.
@@ -43,6 +40,21 @@ MODIFIED_PARENT: dict[str, str] = {
 GLYCOSIDIC_OVERRIDE: dict[str, str] = {"PSU": "C5"}
 _WATER_NAMES = {"HOH", "WAT", "DOD", "H2O"}
 _PURINES = {"A", "G"}
+
+
+class StructureFileError(DataError):
+    """A structure file that cannot be used, with a short machine-readable ``reason``.
+
+    Reasons: ``missing``, ``not_a_file``, ``corrupt_gzip``, ``empty``, ``unparseable``,
+    ``no_atoms``, ``no_rna_chain`` (and ``chains_too_short`` from the data layer).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = str(path)
+        self.reason = reason
+        #: chains left out by kind, where the file was read far enough to know
+        self.chains_skipped: dict[str, int] = {}
 
 
 @dataclass
@@ -130,7 +142,7 @@ def residue_kind(name: str) -> tuple[str, str | None]:
 
 
 def glycosidic_atom(orig_name: str, parent: str) -> str:
-    """Name of the atom bonded to C1' (the ``"N"`` of ``ATOM_NAMES``): N9 purines, N1 pyrimidines."""
+    """The atom bonded to C1' (``"N"`` of ``ATOM_NAMES``): N9 of purines, N1 of pyrimidines."""
     if orig_name in GLYCOSIDIC_OVERRIDE:
         return GLYCOSIDIC_OVERRIDE[orig_name]
     return "N9" if parent in _PURINES else "N1"
@@ -139,17 +151,18 @@ def glycosidic_atom(orig_name: str, parent: str) -> str:
 def _read_text(path: Path) -> str:
     """File contents as text, gunzipped when compressed (by magic bytes, not by suffix)."""
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise StructureFileError(path, "missing", "file not found")
     if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+        raise StructureFileError(path, "not_a_file", "not a regular file")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, gzip.BadGzipFile) as exc:
-            raise DataError(f"{path}: truncated or corrupt gzip data ({exc})") from None
+            detail = f"truncated or corrupt gzip data ({exc})"
+            raise StructureFileError(path, "corrupt_gzip", detail) from None
     if not raw.strip():
-        raise DataError(f"{path}: empty file")
+        raise StructureFileError(path, "empty", "empty file")
     # Undecodable bytes become U+FFFD; a binary file then fails below as "no atoms" or as
     # unparseable instead of with a UnicodeDecodeError.
     return raw.decode("utf-8", errors="replace")
@@ -175,7 +188,8 @@ def _parse(path: Path, text: str) -> tuple[gemmi.Structure, str]:
             structure = gemmi.read_pdb_string(text)
     except (RuntimeError, ValueError, IndexError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: truncated or unparseable {fmt} file ({reason})") from None
+        detail = f"truncated or unparseable {fmt} file ({reason})"
+        raise StructureFileError(path, "unparseable", detail) from None
     return structure, fmt
 
 
@@ -211,7 +225,9 @@ def _resolve_altlocs(residue: gemmi.Residue) -> tuple[list[gemmi.Atom], int, int
     return [best[name] for name in order], n_alt, n_h
 
 
-def read_structure(path: str | os.PathLike, *, rna_only: bool = True) -> tuple[AtomTable, ReadReport]:
+def read_structure(
+    path: str | os.PathLike, *, rna_only: bool = True
+) -> tuple[AtomTable, ReadReport]:
     """Read the heavy atoms of the first model of a PDB or mmCIF file (optionally gzipped).
 
     Parameters
@@ -230,17 +246,19 @@ def read_structure(path: str | os.PathLike, *, rna_only: bool = True) -> tuple[A
 
     Raises
     ------
-    DataError
-        One line naming the file and the reason: missing, empty, truncated/unparseable,
-        no atoms, no RNA chain.
+    StructureFileError
+        (a :class:`~pipeline.errors.DataError`) one line naming the file and the reason:
+        missing, empty, truncated/unparseable, no atoms, no RNA chain.
     """
     path = Path(path)
     text = _read_text(path)
     structure, fmt = _parse(path, text)
     report = ReadReport(source=str(path), fmt=fmt, n_models=len(structure))
     if len(structure) == 0 or structure[0].count_atom_sites() == 0:
-        raise DataError(f"{path}: no atoms found (not a PDB/mmCIF structure, or truncated)")
-    rows: dict[str, list] = {k: [] for k in ("chain", "num", "icode", "res", "orig", "atom", "el", "xyz")}
+        detail = "no atoms found (not a PDB/mmCIF structure, or truncated)"
+        raise StructureFileError(path, "no_atoms", detail)
+    columns = ("chain", "num", "icode", "res", "orig", "atom", "el", "xyz")
+    rows: dict[str, list] = {k: [] for k in columns}
     seen_residues: set[tuple[str, int, str]] = set()
     for chain in structure[0]:
         kinds = [residue_kind(r.name) for r in chain]
@@ -289,7 +307,10 @@ def read_structure(path: str | os.PathLike, *, rna_only: bool = True) -> tuple[A
             report.skipped_chains["rna_without_usable_residues"] += 1
     if not rows["atom"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped_chains.items()))
-        raise DataError(f"{path}: no RNA chain found ({skipped or 'no polymer chains'})")
+        detail = f"no RNA chain found ({skipped or 'no polymer chains'})"
+        error = StructureFileError(path, "no_rna_chain", detail)
+        error.chains_skipped = dict(report.skipped_chains)
+        raise error
     table = AtomTable(
         chain=np.array(rows["chain"], dtype=str),
         res_num=np.array(rows["num"], dtype=np.int64),
@@ -346,7 +367,8 @@ def table_to_sample(table: AtomTable, name: str) -> RNASample:
         mask[i, slot] = True
     chain_names = list(dict.fromkeys(k[0] for k in keys))
     chain_index = np.array([chain_names.index(k[0]) for k in keys], dtype=np.int64)
-    residue_index = _strictly_increasing(np.array([k[1] for k in keys], dtype=np.int64), chain_index)
+    numbers = np.array([k[1] for k in keys], dtype=np.int64)
+    residue_index = _strictly_increasing(numbers, chain_index)
     return RNASample(
         name=name,
         sequence="".join(letters),
@@ -412,7 +434,9 @@ def write_structure(
             f"coords must have shape ({n_res}, {len(ATOM_NAMES)}, 3) for a sequence of length "
             f"{n_res}, but got {coords.shape}"
         )
-    mask = np.ones(coords.shape[:2], dtype=bool) if atom_mask is None else np.asarray(atom_mask, bool)
+    mask = np.ones(coords.shape[:2], dtype=bool)
+    if atom_mask is not None:
+        mask = np.asarray(atom_mask, dtype=bool)
     bfac = np.zeros(n_res) if plddt is None else np.asarray(plddt, dtype=np.float64).reshape(n_res)
     chains = ["A"] * n_res if chain_ids is None else [str(c) for c in chain_ids]
     numbers = np.arange(1, n_res + 1) if residue_numbers is None else np.asarray(residue_numbers)

@@ -8,8 +8,9 @@ superposition visited. Done one seed at a time this is thousands of tiny 3x3 pro
 *trajectories* (seed x cutoff) of all structures advance together:
 
 - the Kabsch moments of every current subset come from one batched matrix product
-  ``subset_mask (B, T, N) @ [1, x, y, x y^T] (B, N, 16)``;
-- one batched float64 SVD of the (B, T) 3x3 covariances gives all rotations;
+  ``subset_mask (B, T, N) @ [1, x, y, x y^T, |x|^2, |y|^2] (B, N, 18)``;
+- one batched float64 solve of the (B, T) 3x3 problems gives all rotations (SVD on CPU,
+  Horn's quaternion method on CUDA: see :mod:`pipeline.metrics.superpose`);
 - squared distances under every superposition come from a second product
   ``(B, T, 15) @ (B, 15, N)`` (``|R x + t - y|^2`` expanded), so no (B, T, N, 3) tensor exists.
 
@@ -28,8 +29,21 @@ import torch
 
 from pipeline.metrics.superpose import _fit_from_moments
 
-#: Default bound on B x T x N entries per chunk (float64: 8 bytes each, a few live copies).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+#: Default bound on B x T x N entries per chunk (about 40 bytes each at the peak: float64
+#: distances and their temporaries, boolean subsets): ``None`` picks 2**26 on CUDA (about
+#: 3 GB; fewer, larger chunks mean fewer kernel launches) and 2**22 on CPU.
+DEFAULT_CHUNK_ELEMENTS: int | None = None
+
+
+def resolve_chunk_elements(chunk_elements: int | None, device: torch.device) -> int:
+    """The chunk bound to use on ``device`` (see :data:`DEFAULT_CHUNK_ELEMENTS`)."""
+    if chunk_elements is None:
+        return 1 << 26 if device.type == "cuda" else 1 << 22
+    if chunk_elements < 1:
+        raise ValueError(
+            f"chunk_elements must be at least 1, but got chunk_elements={chunk_elements}."
+        )
+    return int(chunk_elements)
 
 
 def compact(
@@ -106,14 +120,24 @@ def window_seeds(
     return as_tensor(start), as_tensor(width), as_tensor(ok)
 
 
-def _relaxed_cutoff(
-    d2: torch.Tensor, valid: torch.Tensor, cut: torch.Tensor, need: torch.Tensor
-) -> torch.Tensor:
+def resolve_solver(solver: str, device: torch.device) -> str:
+    """``"auto"``: the quaternion solver on CUDA (no batched SVD), the SVD on CPU (LAPACK)."""
+    if solver == "auto":
+        return "quaternion" if device.type == "cuda" else "svd"
+    if solver not in ("svd", "quaternion"):
+        raise ValueError(
+            f"solver must be 'auto', 'svd' or 'quaternion', but got solver={solver!r}."
+        )
+    return solver
+
+
+def _relaxed_cutoff(d2: torch.Tensor, cut: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
     """US-align ``score_fun8`` relaxation: raise the cutoff by 0.5 A steps until 3 are kept.
 
-    ``cut`` (B, T) in A; returns the cutoff to use, changed only where ``need``.
+    ``d2`` (B, T, N) squared distances (infinite at invalid residues), ``cut`` (B, T) in A;
+    returns the cutoff to use, changed only where ``need``.
     """
-    d3 = torch.where(valid, d2, math.inf).topk(3, dim=-1, largest=False).values[..., 2]
+    d3 = d2.topk(3, dim=-1, largest=False).values[..., 2]
     d3_len = d3.clamp_min(0).sqrt()
     inc = torch.floor((d3_len - cut) / 0.5) + 1
     inc = inc.clamp_min(1)
@@ -133,12 +157,13 @@ def superposition_search(
     traj_ok: torch.Tensor,
     cut_first: torch.Tensor,
     cut_iter: torch.Tensor,
-    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
     *,
     n_fits: int,
     relax: bool,
     stop_below_three: bool,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    solver: str = "auto",
 ) -> torch.Tensor:
     """Run all trajectories and return the best score of every structure, (B, K).
 
@@ -153,8 +178,8 @@ def superposition_search(
         (B, T) cutoffs in A that select the residues kept after the seed fit and after every
         refit.
     score_fn
-        ``score_fn(d2 (B, t, N), valid (B, 1, N)) -> (B, t, K)`` scores of the superpositions
-        (higher is better); ``d2`` are squared distances in A^2.
+        ``score_fn(d2 (B, t, N)) -> (B, t, K)`` scores of the superpositions (higher is
+        better); ``d2`` are squared distances in A^2, ``inf`` at invalid residues.
     n_fits
         Superpositions per trajectory at most (the seed fit included).
     relax
@@ -162,18 +187,26 @@ def superposition_search(
         0.5 A steps (US-align ``score_fun8``).
     stop_below_three
         Stop a trajectory (keeping its last subset) when fewer than 3 residues pass.
+    chunk_elements
+        Chunks hold at most this many (B x T x N) entries (see :func:`resolve_chunk_elements`).
+    solver
+        3x3 rotation solver: ``"svd"``, ``"quaternion"`` or ``"auto"`` (see
+        :func:`resolve_solver`).
 
     Notes
     -----
     A trajectory stops when a refit keeps exactly the subset it was fitted on (the check is
-    skipped after the seed fit, as in US-align, because the cutoff may change there).
+    skipped after the seed fit, as in US-align, because the cutoff may change there). Stopped
+    trajectories are dropped from the chunk once they are at least half of it.
     """
     b, n, _ = x.shape
     dev = x.device
+    solver = resolve_solver(solver, dev)
     ones = torch.ones(b, n, 1, dtype=torch.float64, device=dev)
     xy = (x.unsqueeze(-1) * y.unsqueeze(-2)).reshape(b, n, 9)  # x_i y_j
     yx = (y.unsqueeze(-1) * x.unsqueeze(-2)).reshape(b, n, 9)  # y_i x_j
-    moments = torch.cat([ones, x, y, xy], -1) * valid.unsqueeze(-1)  # (B, N, 16)
+    sq = torch.stack([(x * x).sum(-1), (y * y).sum(-1)], -1)
+    moments = torch.cat([ones, x, y, xy, sq], -1) * valid.unsqueeze(-1)  # (B, N, 18)
     features_t = torch.cat([x, y, yx], -1).transpose(1, 2).contiguous()  # (B, 15, N)
     base = (x * x).sum(-1) + (y * y).sum(-1)  # (B, N)
     positions = torch.arange(n, device=dev)
@@ -181,7 +214,7 @@ def superposition_search(
     n_valid = valid.sum(-1)
 
     n_traj = start.shape[1]
-    chunk = max(1, chunk_elements // max(1, b * n))
+    chunk = max(1, resolve_chunk_elements(chunk_elements, dev) // max(1, b * n))
     best: torch.Tensor | None = None
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
@@ -195,7 +228,7 @@ def superposition_search(
         )
         active = ok.clone()
         for k in range(n_fits):
-            r, t = _fit_from_moments(torch.bmm(subset.double(), moments))
+            r, t = _fit_from_moments(torch.bmm(subset.double(), moments), solver=solver)
             coef = torch.cat(
                 [
                     2.0 * (r.transpose(-1, -2) @ t.unsqueeze(-1)).squeeze(-1),
@@ -205,20 +238,21 @@ def superposition_search(
                 -1,
             )
             d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True) + torch.bmm(coef, features_t)
-            d2 = d2.clamp_min(0.0)
-            scores = score_fn(d2, valid3)
+            # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
+            d2 = torch.where(valid3, d2.clamp_min(0.0), math.inf)
+            scores = score_fn(d2)
             scores = torch.where(ok.unsqueeze(-1), scores, -math.inf).amax(1)
             best = scores if best is None else torch.maximum(best, scores)
             if k == n_fits - 1:
                 break
             cut = c_first if k == 0 else c_iter
-            new = valid3 & (d2 < (cut * cut).unsqueeze(-1))
+            new = d2 < (cut * cut).unsqueeze(-1)
             count = new.sum(-1)
             if relax:
                 need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
                 if n > 3 and bool(need.any()):
-                    cut = _relaxed_cutoff(d2, valid3, cut, need)
-                    new = valid3 & (d2 < (cut * cut).unsqueeze(-1))
+                    cut = _relaxed_cutoff(d2, cut, need)
+                    new = d2 < (cut * cut).unsqueeze(-1)
                     count = new.sum(-1)
             if stop_below_three:
                 small = count < 3
@@ -227,7 +261,17 @@ def superposition_search(
             if k > 0:
                 active = active & ~(new == subset).all(-1)
             subset = torch.where(active.unsqueeze(-1), new, subset)
-            if not bool(active.any()):
+            n_active = int(active.sum(-1).max())
+            if n_active == 0:
                 break
-    assert best is not None
+            if 2 * n_active <= active.shape[1]:
+                # Drop finished trajectories (their superposition is scored already): most
+                # converge within a few refits, and the rest need not drag them along.
+                keep = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n_active]
+                subset = torch.gather(subset, 1, keep.unsqueeze(-1).expand(-1, -1, n))
+                active = torch.gather(active, 1, keep)
+                ok = torch.gather(ok, 1, keep)
+                c_iter = torch.gather(c_iter, 1, keep)
+    if best is None:
+        raise ValueError("superposition_search needs at least one trajectory (T >= 1).")
     return best

@@ -30,8 +30,13 @@ __all__ = ["DEFAULT_THRESHOLDS", "lddt", "lddt_per_residue"]
 DEFAULT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 
 
-def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+#: Rows of the (B, rows, N) distance blocks are chosen to keep B x rows x N below this, so
+#: that all-atom inputs of large RNAs do not materialise several (B, N, N) matrices.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _lddt_sums(
@@ -55,6 +60,11 @@ def _lddt_sums(
             f"ref_mask must have shape {tuple(reference.shape[:-1])}, "
             f"but got {tuple(ref_mask.shape)}."
         )
+    if residue_index is not None and residue_index.shape != ref_mask.shape:
+        raise ValueError(
+            f"residue_index must have shape {tuple(ref_mask.shape)}, "
+            f"but got {tuple(residue_index.shape)}."
+        )
     if len(thresholds) == 0:
         raise ValueError("thresholds must not be empty.")
     ref_mask = ref_mask.bool()
@@ -62,33 +72,32 @@ def _lddt_sums(
     # Masked atoms may hold NaN or garbage: zero them so that no NaN reaches a sum.
     ref = torch.where(ref_mask.unsqueeze(-1), reference.float(), 0.0)
     mod = torch.where(model_mask.unsqueeze(-1), model.float(), 0.0)
-    d_ref = _pairwise_distances(ref)
-    d_mod = _pairwise_distances(mod)
-
-    pair = ref_mask.unsqueeze(-1) & ref_mask.unsqueeze(-2)
-    if residue_index is None:
-        n = reference.shape[-2]
-        pair = pair & ~torch.eye(n, dtype=torch.bool, device=reference.device)
-    else:
-        if residue_index.shape != ref_mask.shape:
-            raise ValueError(
-                f"residue_index must have shape {tuple(ref_mask.shape)}, "
-                f"but got {tuple(residue_index.shape)}."
-            )
-        pair = pair & (residue_index.unsqueeze(-1) != residue_index.unsqueeze(-2))
-    within = d_ref <= radius
-    if symmetric:
-        both = model_mask.unsqueeze(-1) & model_mask.unsqueeze(-2)
-        within = within | ((d_mod <= radius) & both)
-    contacts = pair & within
-
-    diff = (d_ref - d_mod).abs()
-    n_passed = torch.zeros_like(diff)
-    for t in thresholds:
-        n_passed += (diff <= t).to(diff.dtype)
-    both_present = model_mask.unsqueeze(-1) & model_mask.unsqueeze(-2)
-    score = torch.where(contacts & both_present, n_passed / len(thresholds), 0.0)
-    return score.sum(-1), contacts.to(diff.dtype).sum(-1)
+    n = reference.shape[-2]
+    positions = torch.arange(n, device=reference.device)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, ref[..., 0].numel()))
+    score_sum, count = [], []
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        d_ref = _distances(ref[..., lo:hi, :], ref)  # (B, rows, N)
+        d_mod = _distances(mod[..., lo:hi, :], mod)
+        pair = ref_mask[..., lo:hi].unsqueeze(-1) & ref_mask.unsqueeze(-2)
+        if residue_index is None:
+            pair = pair & (positions[lo:hi].unsqueeze(-1) != positions)
+        else:
+            pair = pair & (residue_index[..., lo:hi].unsqueeze(-1) != residue_index.unsqueeze(-2))
+        both_present = model_mask[..., lo:hi].unsqueeze(-1) & model_mask.unsqueeze(-2)
+        within = d_ref <= radius
+        if symmetric:
+            within = within | ((d_mod <= radius) & both_present)
+        contacts = pair & within
+        diff = (d_ref - d_mod).abs()
+        n_passed = torch.zeros_like(diff)
+        for t in thresholds:
+            n_passed += (diff <= t).to(diff.dtype)
+        score = torch.where(contacts & both_present, n_passed / len(thresholds), 0.0)
+        score_sum.append(score.sum(-1))
+        count.append(contacts.to(diff.dtype).sum(-1))
+    return torch.cat(score_sum, -1), torch.cat(count, -1)
 
 
 def lddt(

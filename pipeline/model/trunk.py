@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.data.features import NUCLEOTIDES
+from pipeline.data.features import NUCLEOTIDES, UNKNOWN_NUCLEOTIDE
 from pipeline.model.config import ModelConfig
 from pipeline.model.layers import (
     AttentionPairBias,
@@ -43,7 +43,11 @@ class InputEmbedder(nn.Module):
 
     def forward(self, features: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Features -> ``s_inputs`` (B, L, d_single), ``z`` (B, L, L, d_pair)."""
-        s = self.residue(features["aatype"])
+        # Padding may hold any residue code (a collate pad value of -1, say): read it as
+        # "unknown" so that it can never index out of the table.
+        mask = features["residue_mask"].bool()
+        aatype = torch.where(mask, features["aatype"], UNKNOWN_NUCLEOTIDE)
+        s = self.residue(aatype)
         ri = features["residue_index"]
         ci = features["chain_index"]
         offset = (ri[:, None, :] - ri[:, :, None]).clamp(-self.relpos_max, self.relpos_max)
@@ -87,7 +91,8 @@ class TrunkBlock(nn.Module):
         for tri in self.triangle:
             z = z + self.dropout(tri(z, pair_mask))
         z = z + self.pair_transition(z)
-        bias = self.pair_bias(z).permute(0, 3, 1, 2) + key_mask_bias(mask)
+        bias = self.pair_bias(z).permute(0, 3, 1, 2)
+        bias = bias + key_mask_bias(mask).to(bias.dtype)
         s = s + self.dropout(self.attn(self.single_norm(s), bias))
         s = s + self.single_transition(s)
         return s, z

@@ -1,0 +1,398 @@
+"""Structure metrics: identity, invariance, mirror images, masks, batching, and agreement with
+biotite (an independent implementation) on random inputs."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import biotite.structure as struc
+import numpy as np
+import pytest
+import torch
+
+from pipeline.metrics import (
+    GDT_HA_CUTOFFS,
+    chirality,
+    gdt,
+    gdt_ha,
+    gdt_ts,
+    is_mirrored,
+    kabsch,
+    lddt,
+    lddt_per_residue,
+    rmsd,
+    rna_d0,
+    score_batch,
+    score_predictions,
+    superimpose,
+    tm_fragment_lengths,
+    tm_score,
+)
+from pipeline.data.features import ATOM_NAMES, REPRESENTATIVE_ATOM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Run these tiny tensor ops on one thread: on a shared 2-core machine, OpenMP threads
+    spinning against other processes made them up to 30x slower."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+def random_walk(batch: int, length: int, *, step: float = 6.0, seed: int = 0) -> torch.Tensor:
+    """Chains with ~6 A steps between consecutive nucleotides (C3'-C3'-like), (B, L, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(batch, length, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True) * step
+    return d.cumsum(1)
+
+
+def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return x + sigma * torch.randn(x.shape, generator=g)
+
+
+def random_rigid(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x`` under a random proper rotation and translation (one per structure)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(x.shape[0], 3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    q = q * torch.sign(torch.linalg.det(q))[:, None, None]  # proper
+    t = torch.randn(x.shape[0], 1, 3, generator=g, dtype=torch.float64) * 50
+    return (x.double() @ q.transpose(-1, -2) + t).to(x.dtype)
+
+
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor([-1.0, 1.0, 1.0], dtype=x.dtype)
+
+
+def full_mask(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[:-1], dtype=torch.bool)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ref = random_walk(3, 60, seed=1)
+    model = noisy(ref, 2.0, seed=2)
+    return model, ref, full_mask(ref)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_identity_scores_are_perfect(pair):
+    _, ref, mask = pair
+    scores = score_batch(ref, ref, mask)
+    assert torch.allclose(scores["rmsd"], torch.zeros(3), atol=1e-4)
+    assert torch.equal(scores["lddt"], torch.ones(3))
+    assert torch.allclose(scores["gdt_ts"], torch.ones(3))
+    assert torch.allclose(scores["tm_score"], torch.ones(3), atol=1e-6)
+    assert torch.equal(scores["chirality"], torch.ones(3))
+    assert torch.allclose(gdt_ha(ref, ref, mask), torch.ones(3))
+
+
+# --------------------------------------------------------------------------- invariance
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_invariant_under_rigid_motions(pair, seed):
+    model, ref, mask = pair
+    before = score_batch(model, ref, mask)
+    after = score_batch(random_rigid(model, seed), random_rigid(ref, seed + 100), mask)
+    assert torch.allclose(before["rmsd"], after["rmsd"], atol=1e-4)
+    assert torch.allclose(before["lddt"], after["lddt"], atol=1e-5)
+    assert torch.allclose(before["tm_score"], after["tm_score"], atol=1e-5)
+    # A threshold decision may flip on float noise: at most one residue at one cutoff.
+    assert torch.allclose(before["gdt_ts"], after["gdt_ts"], atol=1 / (4 * 60) + 1e-6)
+    assert torch.equal(before["chirality"], after["chirality"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_search_solvers_agree(pair, seed):
+    """SVD (Kabsch) and quaternion (Horn) fits give the same search results."""
+    model, ref, mask = pair
+    model = random_rigid(model, seed)
+    assert torch.allclose(
+        tm_score(model, ref, mask, solver="svd"),
+        tm_score(model, ref, mask, solver="quaternion"),
+        atol=1e-6,
+    )
+    assert torch.equal(
+        gdt(model, ref, mask, solver="svd").fractions,
+        gdt(model, ref, mask, solver="quaternion").fractions,
+    )
+
+
+def test_kabsch_recovers_a_known_rigid_motion():
+    x = random_walk(4, 30, seed=3).double()
+    y = random_rigid(x, seed=4)
+    r, t = kabsch(x, y)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(x @ r.transpose(-1, -2) + t.unsqueeze(-2), y, atol=1e-8)
+    assert torch.allclose(superimpose(x, y), y, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- mirror images
+
+
+def test_mirror_image_is_not_superimposable_and_is_flagged(pair):
+    _, ref, mask = pair
+    mirrored = mirror(ref)
+    r, _ = kabsch(mirrored, ref)
+    assert torch.allclose(torch.linalg.det(r.double()), torch.ones(3, dtype=torch.float64))
+    assert (rmsd(mirrored, ref, mask) > 5.0).all()
+    assert (tm_score(mirrored, ref, mask) < 0.9).all()
+    # lDDT compares distances only: it cannot see the mirror (hence the chirality check).
+    assert torch.allclose(lddt(mirrored, ref, mask)[0], torch.ones(3))
+    assert (chirality(mirrored, ref, mask) == 0).all()
+    assert is_mirrored(mirrored, ref, mask).all()
+    assert not is_mirrored(ref, ref, mask).any()
+
+
+def test_chirality_maps_agreement_to_its_complement_under_mirroring():
+    ref = random_walk(8, 200, seed=5)
+    model = noisy(ref, 3.0, seed=6)
+    mask = full_mask(ref)
+    a = chirality(model, ref, mask)
+    a_mirror = chirality(mirror(model), ref, mask)
+    assert torch.allclose(a + a_mirror, torch.ones(8), atol=1e-6)
+    assert (a > 0.5).all() and not is_mirrored(model, ref, mask).any()
+    assert is_mirrored(mirror(model), ref, mask).all()
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_masked_atoms_can_move_arbitrarily(pair):
+    model, ref, _ = pair
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(ref.shape[:-1], generator=g) > 0.2
+    mask[:, :5] = True
+    before = score_batch(model, ref, mask)
+    garbage = 1e3 * torch.randn(model.shape, generator=g)
+    moved_model = torch.where(mask.unsqueeze(-1), model, garbage)
+    moved_ref = torch.where(mask.unsqueeze(-1), ref, torch.full_like(ref, math.nan))
+    after = score_batch(moved_model, moved_ref, mask)
+    for key in before:
+        assert torch.isfinite(after[key]).all(), key
+        assert torch.allclose(before[key], after[key], atol=1e-5), key
+
+
+def test_masked_out_residues_equal_their_removal():
+    """A mask with holes scores like the structure with those residues deleted."""
+    ref = random_walk(1, 50, seed=8)
+    model = noisy(ref, 1.5, seed=9)
+    keep = torch.ones(1, 50, dtype=torch.bool)
+    keep[0, [3, 17, 18, 40]] = False
+    holes = score_batch(model, ref, keep)
+    removed = score_batch(model[keep][None], ref[keep][None], torch.ones(1, 46, dtype=torch.bool))
+    # lDDT and chirality see chain neighbours across a deleted residue: compare the others.
+    for key in ("rmsd", "gdt_ts", "tm_score"):
+        assert torch.allclose(holes[key], removed[key], atol=1e-6), key
+
+
+def test_missing_residues_count_against_the_model_with_n_ref():
+    ref = random_walk(1, 40, seed=10)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    mask[0, 30:] = False  # the model lacks 10 of 40 residues; the rest is perfect
+    assert torch.allclose(tm_score(ref, ref, mask, n_ref=40), torch.tensor([0.75]), atol=1e-6)
+    assert torch.allclose(gdt_ts(ref, ref, mask, n_ref=40), torch.tensor([0.75]))
+    with pytest.raises(ValueError, match="n_ref"):
+        tm_score(ref, ref, mask, n_ref=20)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batch_equals_one_by_one():
+    lengths = [20, 37, 55]
+    refs = [random_walk(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    models = [noisy(r, 2.5, seed=30 + i) for i, r in enumerate(refs)]
+    n_max = max(lengths)
+    ref_b = torch.zeros(3, n_max, 3)
+    model_b = torch.full((3, n_max, 3), 7.0)
+    mask_b = torch.zeros(3, n_max, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ref_b[i, :n], model_b[i, :n], mask_b[i, :n] = refs[i], models[i], True
+    batched = score_batch(model_b, ref_b, mask_b)
+    for i, n in enumerate(lengths):
+        single = score_batch(models[i][None], refs[i][None], torch.ones(1, n, dtype=torch.bool))
+        for key in batched:
+            assert torch.allclose(batched[key][i], single[key][0], atol=1e-6), (key, n)
+
+
+def test_small_chunks_give_the_same_search_result(pair):
+    model, ref, mask = pair
+    assert torch.equal(
+        gdt(model, ref, mask).fractions, gdt(model, ref, mask, chunk_elements=5000).fractions
+    )
+    assert torch.allclose(
+        tm_score(model, ref, mask), tm_score(model, ref, mask, chunk_elements=5000), atol=1e-7
+    )
+
+
+def test_lddt_row_blocks_do_not_change_the_result(pair, monkeypatch):
+    model, ref, mask = pair
+    residue = torch.arange(60).div(3, rounding_mode="floor").expand(3, 60)
+    whole = lddt(model, ref, mask, residue_index=residue)
+    monkeypatch.setattr(importlib.import_module("pipeline.metrics.lddt"), "_BLOCK_ELEMENTS", 100)
+    blocks = lddt(model, ref, mask, residue_index=residue)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+
+
+# --------------------------------------------------------------------------- biotite
+
+
+def _atom_array(coords: np.ndarray, chain, res_id, res_name, atom_name) -> struc.AtomArray:
+    atoms = struc.AtomArray(len(coords))
+    atoms.coord = coords.astype(np.float32)
+    atoms.chain_id = np.asarray(chain)
+    atoms.res_id = np.asarray(res_id)
+    atoms.res_name = np.asarray(res_name)
+    atoms.atom_name = np.asarray(atom_name)
+    atoms.element = np.full(len(coords), "C")
+    return atoms
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lddt_matches_biotite_on_random_all_atom_input(seed):
+    rng = np.random.default_rng(seed)
+    n_res, per_res = 40, 5
+    # Residues along a walk, atoms scattered around each residue centre.
+    centres = np.cumsum(rng.normal(size=(n_res, 3)) * 3.5, axis=0)
+    ref = np.repeat(centres, per_res, axis=0) + rng.normal(size=(n_res * per_res, 3)) * 2.0
+    model = ref + rng.normal(size=ref.shape) * 1.2
+    chain = np.repeat(np.where(np.arange(n_res) < 25, "A", "B"), per_res)
+    res_id = np.repeat(np.arange(n_res) % 25 + 1, per_res)
+    res_name = np.repeat(rng.choice(["A", "C", "G", "U"], n_res), per_res)
+    atom_name = np.tile(["P", "C4'", "C3'", "C1'", "N1"], n_res)
+    atoms = _atom_array(ref, chain, res_id, res_name, atom_name)
+    residue = torch.from_numpy(np.repeat(np.arange(n_res), per_res))[None]
+    x = torch.from_numpy(model).float()[None]
+    y = torch.from_numpy(ref).float()[None]
+    m = torch.ones(1, len(ref), dtype=torch.bool)
+
+    glob, per_atom = lddt(x, y, m, residue_index=residue)
+    assert glob.item() == pytest.approx(struc.lddt(atoms, model), abs=1e-5)
+    expected_atom = struc.lddt(atoms, model, aggregation="atom")
+    assert np.allclose(per_atom[0].numpy(), expected_atom, atol=1e-5)
+    per_res, defined = lddt_per_residue(x, y, m, residue)
+    expected_res = struc.lddt(atoms, model, aggregation="residue")
+    assert defined.all()
+    assert np.allclose(per_res[0].numpy(), expected_res, atol=1e-5)
+
+    # Atoms missing from the model: biotite takes NaN coordinates, we take a model mask.
+    missing = rng.random(len(ref)) < 0.1
+    model_nan = model.copy()
+    model_nan[missing] = np.nan
+    present = torch.from_numpy(~missing)[None]
+    glob_missing, _ = lddt(x, y, m, model_mask=present, residue_index=residue)
+    assert glob_missing.item() == pytest.approx(struc.lddt(atoms, model_nan), abs=1e-5)
+
+    # Symmetric variant: contacts from both structures.
+    subject = _atom_array(model, chain, res_id, res_name, atom_name)
+    glob_sym, _ = lddt(x, y, m, residue_index=residue, symmetric=True)
+    assert glob_sym.item() == pytest.approx(struc.lddt(atoms, subject, symmetric=True), abs=1e-5)
+
+
+def test_lddt_one_atom_per_residue_matches_biotite_in_a_batch():
+    ref = random_walk(4, 80, seed=11)
+    model = noisy(ref, 1.0, seed=12)
+    mask = full_mask(ref)
+    ours, per_atom = lddt(model, ref, mask)
+    for b in range(4):
+        atoms = _atom_array(ref[b].numpy(), ["A"] * 80, np.arange(1, 81), ["G"] * 80, ["C3'"] * 80)
+        assert ours[b].item() == pytest.approx(struc.lddt(atoms, model[b].numpy()), abs=1e-5)
+        expected = struc.lddt(atoms, model[b].numpy(), aggregation="residue")
+        assert np.allclose(per_atom[b].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rmsd_matches_biotite_superimpose(seed):
+    ref = random_walk(2, 70, seed=40 + seed) + 30.0
+    model = random_rigid(noisy(ref, 3.0, seed=50 + seed), seed)
+    ours = rmsd(model, ref, full_mask(ref))
+    for b in range(2):
+        fixed = _atom_array(ref[b].numpy(), ["A"] * 70, np.arange(70), ["G"] * 70, ["C3'"] * 70)
+        mobile = fixed.copy()
+        mobile.coord = model[b].numpy()
+        fitted, _ = struc.superimpose(fixed, mobile)
+        assert ours[b].item() == pytest.approx(struc.rmsd(fixed, fitted), abs=1e-4)
+    no_fit = rmsd(model, ref, full_mask(ref), superpose=False)
+    expected = np.sqrt(((model - ref) ** 2).sum(-1).mean(-1).numpy())
+    assert np.allclose(no_fit.numpy(), expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- TM-score, GDT
+
+
+def test_rna_d0_follows_the_published_scale():
+    # Gong et al. 2019 / US-align: fixed values below 30 nt, 0.6 sqrt(L - 0.5) - 2.5 above.
+    assert [rna_d0(n) for n in (5, 11, 12, 15, 16, 19, 20, 23, 24, 29)] == [
+        0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.6, 0.7, 0.7,
+    ]
+    for n in (30, 46, 100, 500):
+        assert rna_d0(n) == pytest.approx(0.6 * math.sqrt(n - 0.5) - 2.5)
+    lengths = torch.tensor([5, 11, 12, 20, 29, 30, 46, 500])
+    assert torch.allclose(
+        rna_d0(lengths), torch.tensor([rna_d0(int(n)) for n in lengths], dtype=torch.float64)
+    )
+    assert tm_fragment_lengths(46) == [46, 23, 11, 5, 4]
+
+
+def test_search_beats_a_single_global_fit():
+    """Every count of the search is at least that of the one fit on all residues."""
+    ref = random_walk(3, 80, seed=60)
+    model = ref.clone()
+    model[:, 40:] = noisy(model[:, 40:] + torch.tensor([6.0, 0.0, 0.0]), 0.5, seed=61)
+    mask = full_mask(ref)
+    fitted = superimpose(model.double(), ref.double())
+    d = (fitted - ref.double()).norm(dim=-1)
+    one_fit = torch.stack([(d < c).double().mean(-1) for c in (1, 2, 4, 8)], -1)
+    result = gdt(model, ref, mask)
+    assert (result.fractions.double() >= one_fit - 1e-6).all()
+    # Half the chain is exact, the other half shifted by 6 A: the search finds the exact half.
+    assert (result.fractions[:, 0] >= 0.5).all()
+    assert (result.fractions[:, 0] > one_fit[:, 0] + 0.1).all()
+    # A smaller search budget can only lose.
+    cheap = gdt(model, ref, mask, max_seeds=8, max_iter=3)
+    assert (cheap.fractions <= result.fractions + 1e-6).all()
+    assert result.cutoffs == (1.0, 2.0, 4.0, 8.0)
+    assert gdt(model, ref, mask, cutoffs=GDT_HA_CUTOFFS).cutoffs == GDT_HA_CUTOFFS
+
+
+def test_invalid_arguments_are_rejected(pair):
+    model, ref, mask = pair
+    with pytest.raises(ValueError, match="max_seeds"):
+        gdt(model, ref, mask, max_seeds=0)
+    with pytest.raises(ValueError, match="cutoffs"):
+        gdt(model, ref, mask, cutoffs=())
+    with pytest.raises(ValueError, match="solver"):
+        tm_score(model, ref, mask, solver="lapack")
+    with pytest.raises(ValueError, match="shape"):
+        rmsd(model[:, :10], ref, mask)
+    with pytest.raises(ValueError, match="mask"):
+        tm_score(model, ref, mask[:, :10])
+
+
+# --------------------------------------------------------------------------- batch helpers
+
+
+def test_score_predictions_uses_the_representative_atom():
+    ref = random_walk(2, 30, seed=70)
+    n_atoms = len(ATOM_NAMES)
+    coords = ref.unsqueeze(2).repeat(1, 1, n_atoms, 1) + torch.randn(2, 30, n_atoms, 3)
+    coords[:, :, REPRESENTATIVE_ATOM] = ref
+    atom_mask = torch.ones(2, 30, n_atoms, dtype=torch.bool)
+    residue_mask = torch.ones(2, 30, dtype=torch.bool)
+    residue_mask[1, 25:] = False
+    batch = {"coords": coords, "atom_mask": atom_mask, "residue_mask": residue_mask}
+    pred = coords.clone()
+    pred[:, :, REPRESENTATIVE_ATOM] = noisy(ref, 1.0, seed=71)
+    scores = score_predictions(pred, batch)
+    expected = score_batch(pred[:, :, REPRESENTATIVE_ATOM], ref, residue_mask)
+    for key in expected:
+        assert torch.equal(scores[key], expected[key]), key

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-samples", type=_optional(int), default=5, help="structures sampled per target"
     )
+    p.add_argument(
+        "--sampler-steps", type=_optional(int), default=None,
+        help="diffusion sampler steps (default: the model's model.n_steps)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--overrides", dest="override_string", default="")
 
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="inspect a directory of structure files")
     p.add_argument("--check", required=True, metavar="PATH", help="directory or list file")
+    for p in sub.choices.values():  # -q/-v also after the sub-command
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
@@ -175,6 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         overrides=_overrides(args),
         n_samples=args.n_samples,
+        sampler_steps=args.sampler_steps,
         output=args.output,
     )
     print(summary)

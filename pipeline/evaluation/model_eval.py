@@ -88,11 +88,14 @@ def evaluate_model(
     run_id: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     n_samples: int | None = 5,
+    sampler_steps: int | None = None,
     output: str | None = None,
 ) -> str:
     n_samples = n_samples or 5
     if n_samples < 1:
         raise PipelineError(f"--n-samples: expected an integer >= 1, got {n_samples}")
+    if sampler_steps is not None and sampler_steps < 1:
+        raise PipelineError(f"--sampler-steps: expected an integer >= 1, got {sampler_steps}")
     path, source_run = resolve_checkpoint(checkpoint, run_id)
     state = load_checkpoint(path)
     data = state["config"]
@@ -113,7 +116,7 @@ def evaluate_model(
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for batch in batches:
-        out = predict(model, batch, n_samples=n_samples, seed=cfg.seed)
+        out = predict(model, batch, n_samples=n_samples, n_steps=sampler_steps, seed=cfg.seed)
         coords, plddt = out["coords"].float().cpu(), out["plddt"].float().cpu()
         per_sample = [score_predictions(coords[:, s], batch) for s in range(n_samples)]
         mask = batch["residue_mask"] & batch["atom_mask"][..., REPRESENTATIVE_ATOM]
@@ -141,7 +144,8 @@ def evaluate_model(
     summary = _aggregate(rows, confidence)
     csv_path = Path(output) if output else out_dir / "targets.csv"
     _write_csv(csv_path, rows)
-    _track(cfg, state, path, source_run, n_samples, summary, csv_path, pred_dir, calibration, rows)
+    _track(cfg, state, path, source_run, (n_samples, sampler_steps), summary, csv_path, pred_dir,
+           calibration, rows)
     lines = [f"evaluated {len(rows)} targets x {n_samples} samples from {path}"]
     lines += [f"  {k} = {v:.4f}" for k, v in summary.items()]
     lines.append(f"per-target CSV: {csv_path}")
@@ -184,7 +188,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _track(cfg, state, path, source_run, n_samples, summary, csv_path, pred_dir, calibration, rows):
+def _track(cfg, state, path, source_run, sampling, summary, csv_path, pred_dir, calibration, rows):
+    n_samples, sampler_steps = sampling
     tracker = build_tracker(
         cfg.tracking,
         run_name=f"evaluate-{run_name(cfg)}",
@@ -195,6 +200,7 @@ def _track(cfg, state, path, source_run, n_samples, summary, csv_path, pred_dir,
     status = "FAILED"
     try:
         tracker.log_params({**flatten(to_dict(cfg)), "evaluate.n_samples": n_samples,
+                            "evaluate.sampler_steps": sampler_steps or cfg.model.n_steps,
                             "evaluate.checkpoint": str(path)})
         tracker.log_metrics(summary, step=state["step"])
         tracker.log_artifact(csv_path, "predictions")

@@ -21,6 +21,9 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     epochs: int = spec(10, ge=1, help="passes over the training set")
     max_steps: int | None = spec(None, ge=1, help="stop after this many optimizer steps")
+    time_limit_minutes: float | None = spec(
+        None, gt=0, help="stop cleanly (validate, checkpoint) after this much training time"
+    )
     micro_batch_size: int = spec(8, ge=1, help="structures per forward/backward pass")
     accumulation_steps: int = spec(1, ge=1, help="micro-batches per optimizer step")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = spec(

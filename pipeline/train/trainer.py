@@ -158,6 +158,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None
         self._window_wait = 0.0  # seconds blocked on the loader for the current window
+        self._started = time.monotonic()
+        self._validated_at: int | None = None
 
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -227,9 +229,16 @@ class Trainer:
         clip = self.cfg.trainer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # pre-clip
         # One host sync per optimizer step: the update must not happen on non-finite values.
-        stats = torch.stack([loss.float(), grad_norm.float()])
+        # The time-limit vote rides on the same all-reduce, so DDP ranks stop together.
+        limit = self.cfg.trainer.time_limit_minutes
+        over_time = limit is not None and time.monotonic() - self._started > 60 * limit
+        stats = torch.stack(
+            [loss.float(), grad_norm.float(), torch.tensor(float(over_time), device=loss.device)]
+        )
         stats = runtime.all_reduce_mean(stats, self.ctx)
-        loss_value, grad_norm_value = stats.tolist()
+        loss_value, grad_norm_value, over_time_vote = stats.tolist()
+        if over_time_vote > 0:
+            self._stop_reason = "time_limit"
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
@@ -277,6 +286,7 @@ class Trainer:
         self.save_checkpoint()
 
     def validate(self) -> dict[str, float]:
+        self._validated_at = self.step
         metrics = self.validator.run(self.epoch) if self.ctx.rank == 0 else {}
         self.last_val = metrics
         self.tracker.log_metrics(metrics, step=self.step)
@@ -507,6 +517,8 @@ class Trainer:
 
     # ================================================================== end of run
     def _finish(self) -> TrainResult:
+        if self._validated_at != self.step and self._stop_reason != "pruned":
+            self.validate()  # stopped mid-epoch (max_steps, time limit): score the final weights
         if self.ctx.rank == 0 and self.checkpoints.last_path != self._expected_last_path():
             self.save_checkpoint(blocking=True)
         self.checkpoints.wait()

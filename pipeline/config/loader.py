@@ -30,8 +30,15 @@ DEFAULT_PRESET = "small_model"
 
 
 def configs_dir() -> Path:
-    """The shipped ``configs/`` directory (installed as the ``pipeline.configs`` package)."""
-    return Path(str(resources.files("pipeline.configs")))
+    """The shipped ``configs/`` directory.
+
+    Installed, it is the package ``pipeline.configs``; run from a source checkout without
+    installing (``PYTHONPATH=.``), it is ``configs/`` beside the package.
+    """
+    try:
+        return Path(str(resources.files("pipeline.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs"
 
 
 # --------------------------------------------------------------------------------------------

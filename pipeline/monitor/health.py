@@ -132,6 +132,8 @@ class HealthMonitor:
         self.history.append((step, loss))
         if self._stagnating():
             first_step, first = self.history[0]
+            first = statistics.median(v for _, v in list(self.history)[: len(self.history) // 4])
+            loss = statistics.median(v for _, v in list(self.history)[-(len(self.history) // 4) :])
             checks["stagnation"].flag(
                 "warning",
                 step,
@@ -146,10 +148,14 @@ class HealthMonitor:
         return fired
 
     def _stagnating(self) -> bool:
+        # Diffusion losses are noisy step to step (the noise level is sampled), so compare the
+        # medians of the first and last quarters of the window, not single steps.
         if len(self.history) <= self.cfg.stagnation_steps:
             return False
-        first = statistics.median(v for _, v in list(self.history)[:10])
-        last = statistics.median(v for _, v in list(self.history)[-10:])
+        values = [v for _, v in self.history]
+        quarter = max(len(values) // 4, 1)
+        first = statistics.median(values[:quarter])
+        last = statistics.median(values[-quarter:])
         return first > 0 and (first - last) / first < self.cfg.stagnation_min_improvement
 
     @property

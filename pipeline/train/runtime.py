@@ -110,7 +110,7 @@ class Components:
 
 
 def build_components(cfg: Config, ctx: Runtime) -> Components:
-    cache_dir = Path(cfg.output_dir) / "cache"
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / "cache"
     data = build_datasets(cfg.data, seed=cfg.seed, cache_dir=cache_dir, cache=cfg.loader.cache)
     loader = build_train_loader(
         data.train,

@@ -255,6 +255,10 @@ class Trainer:
         self.step += 1
         self.samples_seen += n_structures * self.ctx.world_size
         fired = self.health.observe(self.step, loss=loss_value, grad_norm=grad_norm_value, lr=lr)
+        for name in fired:
+            check = self.health.checks[name]
+            if check.count == 1 or check.count % 50 == 0:  # say it, without flooding the log
+                log.warning("health: %s (%d so far): %s", name, check.count, check.suggestion)
         step_s = time.perf_counter() - start + data_wait
         slow = self.timer.observe(self.step, step_s=step_s, data_wait_s=data_wait)
         if slow:

@@ -386,6 +386,9 @@ class TrainLoader:
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+            # Every new iterator draws a base seed; from a private generator, not torch's
+            # global one, so that a resumed run (one extra iterator) keeps the same RNG stream.
+            generator=torch.Generator().manual_seed(sampler.seed),
         )
         self.epoch = 0
         self.batches_consumed = 0

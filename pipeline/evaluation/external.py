@@ -5,6 +5,12 @@ With ``--atoms all`` RMSD and lDDT use every heavy atom and GDT-TS / TM-score th
 (one per nucleotide); with a single atom name every metric uses that atom. Reference atoms the
 model lacks count against it (lDDT: not preserved; GDT/TM: never within a cutoff; the count is
 logged); RMSD is over the atoms the model has (``n_compared``).
+
+A model is unusable, and skipped with its reason (or, when it is the only file given, reported
+as a one-line error), when it cannot be read, when it has no atom in common with the reference
+(e.g. other chain names), or when its residue names differ from the reference's at more than
+half of the residues they share (a model of another molecule). Fewer differences (point
+mutations, a differently modelled base) are scored, with a warning naming them.
 """
 
 from __future__ import annotations
@@ -42,12 +48,71 @@ def _select(table: AtomTable, atom: str | None) -> np.ndarray:
     return table.atom_name == atom
 
 
+class UnusableModel(DataError):
+    """A model file that was read but cannot be compared with the reference."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+
+
+def _residue_names(table: AtomTable) -> dict[tuple[str, int, str], str]:
+    """``(chain, residue number, insertion code) -> residue name`` (first atom of each residue)."""
+    keys = zip(table.chain.tolist(), table.res_num.tolist(), table.icode.tolist())
+    names: dict[tuple[str, int, str], str] = {}
+    for key, name in zip(keys, table.res_name.tolist()):
+        names.setdefault(key, name)
+    return names
+
+
+def sequence_differences(model: AtomTable, reference: AtomTable) -> tuple[list[str], int]:
+    """Residues the model shares with the reference whose names differ, and the shared count.
+
+    Returns
+    -------
+    differences : ``"A15:C->U"`` (chain, number, insertion code, reference -> model name) in
+        reference order.
+    n_shared : number of residues present in both (same chain, number and insertion code).
+    """
+    ref_names, mod_names = _residue_names(reference), _residue_names(model)
+    shared = [key for key in ref_names if key in mod_names]
+    differences = [
+        f"{chain}{num}{icode}:{ref_names[(chain, num, icode)]}->{mod_names[(chain, num, icode)]}"
+        for chain, num, icode in shared
+        if ref_names[(chain, num, icode)] != mod_names[(chain, num, icode)]
+    ]
+    return differences, len(shared)
+
+
 def score_model(model: AtomTable, reference: AtomTable, atoms: str) -> dict[str, float]:
-    """One row of the CSV (without the file names)."""
+    """One row of the CSV (without the file names).
+
+    Raises
+    ------
+    UnusableModel
+        No atom of the selected set in common with the reference, or residue names that differ
+        from the reference at more than half of the shared residues.
+    """
     main_atom = None if atoms == "all" else atoms
     ref_keep = _select(reference, main_atom)
     mod_keep = _select(model, main_atom)
-    match = match_atoms(_atom_keys(model, mod_keep), _atom_keys(reference, ref_keep))
+    model_keys, ref_keys = _atom_keys(model, mod_keep), _atom_keys(reference, ref_keep)
+    # Both checks come before matching, so that an unusable model logs nothing but its error.
+    if set(model_keys).isdisjoint(ref_keys):
+        raise UnusableModel(model.source, "no atoms in common with the reference")
+    differences, n_shared = sequence_differences(model, reference)
+    if 2 * len(differences) > n_shared:
+        raise UnusableModel(
+            model.source,
+            f"sequence differs from the reference at {len(differences)} of {n_shared} residues",
+        )
+    if differences:
+        shown = ", ".join(differences[:10]) + (", ..." if len(differences) > 10 else "")
+        log.warning(
+            "%s: sequence differs from the reference at %d of %d residues (%s); scored",
+            model.source, len(differences), n_shared, shown,
+        )
+    match = match_atoms(model_keys, ref_keys)
     residues = list(
         zip(
             reference.chain[ref_keep].tolist(),
@@ -95,30 +160,68 @@ def list_structure_files(path: Path) -> list[Path]:
     return files
 
 
+def _reason(exc: DataError) -> str:
+    """The message of a model error without its leading file path (the row names the file)."""
+    text = str(exc)
+    for path in (getattr(exc, "path", None), getattr(exc, "source", None)):
+        if path and text.startswith(f"{path}: "):
+            return text[len(path) + 2 :]
+    return text
+
+
+def _read_reference(reference: Path) -> AtomTable:
+    try:
+        table, _ = read_structure(reference)
+    except DataError as exc:
+        raise DataError(f"--reference {exc}") from None
+    return table
+
+
 def evaluate_external(
     predictions: str | Path, reference: str | Path, *, atoms: str = "all", output=None
 ) -> str:
     """Score every model file against ``reference``; write the CSV; return a text table.
 
-    A model file that cannot be read is skipped with a warning and counted; the reference
-    itself (when it sits among the predictions) is not scored against itself.
+    With a directory, a model file that cannot be used (unreadable, no atom in common with the
+    reference, another sequence) is skipped: it is logged, and counted with its reason in
+    ``# skipped`` lines under the table. The reference itself (when it sits among the
+    predictions) is not scored against itself. With a single file, an unusable model is an
+    error.
+
+    Raises
+    ------
+    DataError
+        The reference cannot be read; ``predictions`` is missing or holds no structure file;
+        a single model file is unusable; no file of a directory is usable.
     """
     reference = Path(reference)
-    ref_table, _ = read_structure(reference)
+    predictions = Path(predictions)
+    ref_table = _read_reference(reference)
+    single = predictions.is_file()
+    files = list_structure_files(predictions)
     rows, skipped = [], []
-    for path in list_structure_files(Path(predictions)):
+    for path in files:
         if path.resolve() == reference.resolve():
             continue
         try:
             model_table, _ = read_structure(path)
+            row = score_model(model_table, ref_table, atoms)
         except DataError as exc:
-            log.warning("skipping %s", exc)
-            skipped.append(f"{path.name}: {exc}")
+            if single:
+                raise
+            skipped.append((path.name, _reason(exc)))
             continue
-        row = score_model(model_table, ref_table, atoms)
         rows.append({"model": path.name, "reference": reference.name, "atoms": atoms, **row})
     if not rows:
-        raise DataError(f"--predictions {predictions}: no readable model ({'; '.join(skipped)})")
+        if single:
+            raise DataError(f"--predictions {predictions}: this is the reference; nothing to score")
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise DataError(
+            f"--predictions {predictions}: no usable model file"
+            + (f" ({len(skipped)} skipped: {reasons})" if skipped else " besides the reference")
+        )
+    for name, why in skipped:
+        log.warning("skipped %s: %s", predictions / name, why)
     if output:
         with open(output, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -128,7 +231,8 @@ def evaluate_external(
     lines = [",".join(CSV_COLUMNS)]
     lines += [",".join(_fmt(r[k]) for k in CSV_COLUMNS) for r in rows]
     if skipped:
-        lines.append(f"# skipped {len(skipped)} unreadable file(s): " + "; ".join(skipped))
+        lines.append(f"# skipped {len(skipped)} of {len(rows) + len(skipped)} model file(s):")
+        lines += [f"#   {name}: {why}" for name, why in skipped]
     return "\n".join(lines)
 
 

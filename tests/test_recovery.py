@@ -1,0 +1,96 @@
+"""Injected faults on the CPU: OOM, NaN loss, SIGTERM + resume. Each asserts the outcome."""
+
+from __future__ import annotations
+
+import signal
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.config.loader import load_config
+from pipeline.train.checkpoint import find_latest, load_checkpoint
+from pipeline.train.trainer import Interrupted, NonFiniteStop, train
+
+TINY = [
+    "data.n_train=16",
+    "data.n_val=2",
+    "data.max_length=28",
+    "trainer.micro_batch_size=4",
+    "trainer.epochs=2",
+    "trainer.val_max_structures=2",
+    "trainer.val_sampler_steps=2",
+    "tracking.system_metrics=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _tracking(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+
+
+def _config(tmp_path, *extra):
+    return load_config(scenario="debug", overrides=[*TINY, f"output_dir={tmp_path / 'out'}", *extra])
+
+
+def test_oom_is_retried_in_smaller_chunks_without_losing_samples(tmp_path):
+    clean = train(_config(tmp_path, "tracking.enabled=false"))
+    faulty = train(_config(tmp_path, "tracking.enabled=false", "faults.oom_at_steps=[2]"))
+    assert faulty.status == "finished"
+    assert faulty.step == clean.step and faulty.samples_seen == clean.samples_seen == 32
+    state = load_checkpoint(faulty.checkpoint)
+    assert state["counts"]["oom_recoveries"] == 1
+    assert state["split"] == 2  # later micro-batches run as two chunks of 2
+
+
+def test_oom_without_recovery_fails_after_checkpointing(tmp_path):
+    config = _config(tmp_path, "tracking.enabled=false", "recovery.oom=false",
+                     "faults.oom_at_steps=[3]")
+    with pytest.raises(torch.OutOfMemoryError):
+        train(config)
+    latest = find_latest(tmp_path / "out")
+    assert latest is not None and load_checkpoint(latest)["step"] == 2  # a failing run saves first
+
+
+def test_nan_loss_is_skipped_before_the_update(tmp_path):
+    result = train(_config(tmp_path, "faults.nan_loss_at_steps=[2,3]"))
+    assert result.status == "finished"
+    state = load_checkpoint(result.checkpoint)
+    assert state["counts"]["non_finite_skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.data.metrics["health/non_finite_count"] == 2
+    report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/health/report.md")
+    assert "non_finite" in report and "update skipped" in report
+
+
+def test_repeated_nan_stops_with_a_report(tmp_path):
+    config = _config(tmp_path, "faults.nan_loss_at_steps=[1,2,3,4]",
+                     "recovery.max_consecutive_non_finite=3")
+    with pytest.raises(NonFiniteStop, match="3 non-finite update"):
+        train(config)
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("diffold").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert (tmp_path / "out").glob("runs/*/health/report.md")
+
+
+def test_sigterm_checkpoints_and_resume_continues_the_same_run(tmp_path):
+    uninterrupted = train(_config(tmp_path / "a", "trainer.deterministic=true"))
+    with pytest.raises(Interrupted) as stop:
+        train(_config(tmp_path / "b", "trainer.deterministic=true", "faults.sigterm_at_step=3"))
+    assert stop.value.signum == signal.SIGTERM
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("diffold").experiment_id],
+                              filter_string="tags.stop_reason = 'SIGTERM'")
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    resumed = train(_config(tmp_path / "b", "trainer.deterministic=true"), resume="auto")
+    assert resumed.run_id == runs[0].info.run_id  # one continuous MLflow run
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == resumed.step
+    a = load_checkpoint(uninterrupted.checkpoint)["model"]
+    b = load_checkpoint(resumed.checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run

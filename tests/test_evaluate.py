@@ -32,13 +32,7 @@ COLUMNS = ["model", "reference", "atoms", "n_compared", "rmsd", "lddt", "gdt_ts"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensor ops on one thread (a shared 2-core machine: spinning OpenMP threads slow them)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:

@@ -35,14 +35,7 @@ from pipeline.metrics import (
 NATIVE = "1_solution_0_rpr.pdb"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Run these tiny tensor ops on one thread: on a shared 2-core machine, OpenMP threads
-    spinning against other processes made them up to 30x slower."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _read(path: Path) -> struc.AtomArray:

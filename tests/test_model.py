@@ -30,18 +30,7 @@ from pipeline.model.layers import pairwise_distances
 N_ATOMS = len(ATOM_NAMES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one intra-op thread (restored afterwards).
-
-    The tensors here are tiny, so one thread is about as fast as two, and it is immune to
-    oversubscription: with other processes on the two cores, two spinning OpenMP threads made
-    these tests 20 times slower.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -28,7 +28,9 @@ TINY = [
 def _tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
+
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _config(tmp_path, *extra):

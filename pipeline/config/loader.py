@@ -86,6 +86,11 @@ def parse_set(item: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    return nested(key, value)
+
+
+def nested(key: str, value: Any) -> dict:
+    """``("a.b.c", v)`` -> ``{"a": {"b": {"c": v}}}``."""
     layer: dict = {}
     node = layer
     *parents, leaf = key.split(".")

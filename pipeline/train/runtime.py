@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config.loader import flatten, model_hash, to_dict, to_yaml
 from pipeline.config.schema import Config
-from pipeline.data import build_datasets, build_train_loader, collate
+from pipeline.data import build_datasets, build_train_loader, build_val_batches
 from pipeline.errors import ConfigError
 from pipeline.model import build_model
 from pipeline.tracking import Tracker, build_tracker
@@ -153,10 +153,9 @@ def build_components(cfg: Config, ctx: Runtime) -> Components:
 
 
 def make_val_batches(dataset, batch_size: int, limit: int) -> list[dict]:
-    """Validation batches in a fixed order (CPU tensors), at most ``limit`` structures."""
-    n = min(len(dataset), limit)
-    samples = [dataset[i] for i in range(n)]
-    return [collate(samples[i : i + batch_size]) for i in range(0, n, batch_size)]
+    """Validation batches in a fixed order (CPU tensors) of the first ``limit`` structures."""
+    subset = torch.utils.data.Subset(dataset, range(min(len(dataset), limit)))
+    return build_val_batches(subset, batch_size)
 
 
 # ---------------------------------------------------------------------------- DDP helpers

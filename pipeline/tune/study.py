@@ -28,6 +28,7 @@ from pipeline.config.loader import (
     configs_dir,
     from_dict,
     merge,
+    nested,
     parse_section,
     read_yaml,
     to_dict,
@@ -80,16 +81,6 @@ def load_tune_config(path: str | Path | None = None) -> TuneConfig:
     return parse_section(TuneConfig, read_yaml(path, what="tune config"))
 
 
-def _nested(key: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return out
-
-
 def _check_space(base: Config, tune: TuneConfig) -> None:
     """Every searched key must exist in the config and accept its range."""
     data = to_dict(base)
@@ -99,7 +90,7 @@ def _check_space(base: Config, tune: TuneConfig) -> None:
             if p.type == "int":
                 value = int(value)
             try:
-                from_dict(merge(data, _nested(key, value)))
+                from_dict(merge(data, nested(key, value)))
             except ConfigError as exc:
                 raise ConfigError(f"tune search_space.{key}: {exc}") from None
 
@@ -119,7 +110,7 @@ def suggest(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
 def trial_config(base: Config, values: dict[str, Any], output_dir: Path) -> Config:
     data = to_dict(base)
     for key, value in values.items():
-        data = merge(data, _nested(key, value))
+        data = merge(data, nested(key, value))
     data["output_dir"] = str(output_dir)
     return from_dict(data)
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -121,21 +126,72 @@ def test_tune_two_trials_parent_and_children(workdir):
     assert best.is_file() and "accumulation_steps" in best.read_text()
 
 
-def test_mlflow_run_entry_point(tmp_path):
-    """`mlflow run . -e train` exactly as the README says, on the shipped synthetic data."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    overrides = " ".join(a for a in FAST if a != "--set") + f" output_dir={tmp_path / 'out'}"
+def _mlflow_run(project_args: list[str], env: dict, cwd: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train",
-         "-P", "scenario=debug", "-P", "epochs=1", "-P", f"overrides={overrides}",
+        [sys.executable, "-m", "mlflow", "run", str(REPO), *project_args,
          "--env-manager", "local", "--experiment-name", "mlproject"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=600, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
-    assert len(runs) == 1  # the trainer logged into the run that `mlflow run` created
-    run = runs[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_run_entry_points_and_the_ui_server(tmp_path):
+    """`mlflow run . -e train|evaluate|tune` exactly as the README says, then `mlflow server`
+    on 127.0.0.1 lists the runs they made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    overrides = " ".join(a for a in FAST if a != "--set") + f" output_dir={tmp_path / 'out'}"
+    _mlflow_run(["-e", "train", "-P", "scenario=debug", "-P", "epochs=1",
+                 "-P", f"overrides={overrides}"], env, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("mlproject").experiment_id
+    (run,) = client.search_runs([experiment])  # the trainer logged into `mlflow run`'s run
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.epochs"] == "1"
     assert "train/loss" in run.data.metrics and "val/lddt" in run.data.metrics
+
+    _mlflow_run(["-e", "evaluate", "-P", f"run_id={run.info.run_id}", "-P", "n_samples=1",
+                 "-P", f"output={tmp_path / 'eval.csv'}"], env, tmp_path)
+    _mlflow_run(["-e", "tune", "-P", "n_trials=2", "-P", "scenario=debug",
+                 "-P", f"overrides={overrides} trainer.epochs=1"], env, tmp_path)
+    runs = client.search_runs([experiment])
+    roles = sorted(r.data.tags.get("role", "train") for r in runs)
+    assert roles == ["evaluate", "train", "train", "train", "tune-parent"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = next(r for r in runs if r.data.tags.get("role") == "tune-parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    try:
+        body = json.dumps({"experiment_ids": [experiment]}).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    listed = json.load(response)["runs"]
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        assert len(listed) == 5
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert response.status == 200  # the UI page itself is served
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

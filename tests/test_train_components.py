@@ -227,3 +227,64 @@ def test_split_batch_trims_padding_and_keeps_every_structure():
     assert chunks[0]["aatype"].shape == (2, 5) and chunks[1]["aatype"].shape == (2, 4)
     assert torch.equal(chunks[1]["aatype"], batch["aatype"][2:, :4])
     assert split_batch(batch, 1) == [batch]
+
+
+class _MeanSquareModel(torch.nn.Module):
+    """Deterministic stand-in for Diffold: the loss is a mean over the structures of a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, batch):
+        x = batch["aatype"].float()  # (B, L, 4) features, zero-padded
+        mask = batch["residue_mask"].float()
+        per_residue = ((x @ self.w) ** 2).mean(-1)
+        per_structure = (per_residue * mask).sum(-1) / mask.sum(-1)
+        return {"loss": per_structure.mean(), "terms": {"mse": per_structure.mean().detach()}}
+
+
+def _batch(n: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=g)
+    mask = torch.arange(8)[None] < lengths[:, None]
+    x = torch.randn(n, 8, 4, generator=g) * mask[..., None]
+    return {"aatype": x, "residue_mask": mask, "lengths": lengths,
+            "names": [f"s{i}" for i in range(n)]}
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _window_grad(window: list[dict], split: int = 1) -> tuple[torch.Tensor, float]:
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from pipeline.train.faults import FaultInjector, FaultsConfig
+    from pipeline.train.trainer import Trainer
+
+    torch.manual_seed(1)
+    model = _MeanSquareModel()
+    fake = SimpleNamespace(
+        split=split, ddp_model=model, faults=FaultInjector(FaultsConfig()), step=0,
+        device=torch.device("cpu"), ctx=SimpleNamespace(autocast=nullcontext), scaler=None,
+    )
+    n = sum(len(b["names"]) for b in window)
+    loss, terms = Trainer._forward_backward(fake, window, n)
+    assert torch.allclose(terms["mse"], loss)
+    return model.w.grad.clone(), float(loss)
+
+
+def test_accumulation_equals_one_large_batch():
+    """k micro-batches of size b give the update of one batch of k*b (also uneven, also split)."""
+    full = _batch(8)
+    reference, ref_loss = _window_grad([full])
+    uneven = [_rows(full, slice(0, 1)), _rows(full, slice(1, 5)), _rows(full, slice(5, 8))]
+    for window in (split_batch(full, 4), split_batch(full, 2), uneven):
+        grad, loss = _window_grad(window)
+        assert torch.allclose(grad, reference, atol=1e-6), len(window)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+    # After an OOM the same window runs with every micro-batch split in two: same update.
+    grad, _ = _window_grad(split_batch(full, 2), split=2)
+    assert torch.allclose(grad, reference, atol=1e-6)

@@ -223,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+        if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+            level = max(level, logging.WARNING)
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -167,11 +167,11 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: Runtime) -> torch.Tensor:
     return tensor
 
 
-def broadcast_stop(reason: str | None, ctx: Runtime) -> str | None:
-    """Rank 0 decides to stop (early stopping, pruning); every rank follows."""
+def broadcast_object(value: Any, ctx: Runtime) -> Any:
+    """Rank 0's ``value`` on every rank (stop decisions, the run directory)."""
     if not ctx.distributed:
-        return reason
-    box = [reason]
+        return value
+    box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -191,11 +191,14 @@ def free_memory(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- run and tracking
-def new_run_dir(cfg: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(cfg.output_dir) / "runs" / f"{stamp}-{secrets.token_hex(3)}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def new_run_dir(cfg: Config, ctx: Runtime) -> Path:
+    """A fresh ``<output_dir>/runs/<time>-<id>``, named by rank 0 for every rank."""
+    path = None
+    if ctx.rank == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.output_dir) / "runs" / f"{stamp}-{secrets.token_hex(3)}"
+        path.mkdir(parents=True, exist_ok=True)
+    return Path(broadcast_object(str(path) if path else None, ctx))
 
 
 def run_name(cfg: Config) -> str:

@@ -166,14 +166,14 @@ class Trainer:
             run_dir = Path(checkpoint["run_dir"])
             run_id = run_id or checkpoint.get("run_id")
         else:
-            run_dir = runtime.new_run_dir(cfg)
+            run_dir = runtime.new_run_dir(cfg, ctx)
         self.run_dir = run_dir
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
         self.tracker = runtime.build_run_tracker(
             cfg, ctx, run_id=run_id, parent_run_id=parent_run_id, extra_tags=extra_tags
         )
         self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
-        if checkpoint is None:
+        if checkpoint is None and ctx.rank == 0:
             runtime.log_run_inputs(self.tracker, cfg, run_dir, self.data_stats)
         log.info(
             "run %s: %d steps/epoch, %d optimizer steps in all, output %s",
@@ -314,7 +314,7 @@ class Trainer:
         if self.on_validation is not None and self.ctx.rank == 0:
             if self.on_validation(self.samples_seen, metrics) == "prune":
                 self._stop_reason = "pruned"
-        self._stop_reason = runtime.broadcast_stop(self._stop_reason, self.ctx)
+        self._stop_reason = runtime.broadcast_object(self._stop_reason, self.ctx)
         log.info(
             "epoch %d step %d: %s",
             self.epoch,
@@ -547,7 +547,7 @@ class Trainer:
         return self.checkpoints.directory / f"step-{self.step:08d}.pt"
 
     def _log_health_report(self) -> None:
-        if not self.health.cfg.enabled:
+        if not self.health.cfg.enabled or self.ctx.rank != 0:
             return
         report = self.health.report()
         report["recovery"] = dict(self.counts)

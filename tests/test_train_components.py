@@ -288,3 +288,32 @@ def test_accumulation_equals_one_large_batch():
     # After an OOM the same window runs with every micro-batch split in two: same update.
     grad, _ = _window_grad(split_batch(full, 2), split=2)
     assert torch.allclose(grad, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cosine", "cosine_restarts", "constant"])
+def test_changed_lr_on_resume_scales_the_schedule_without_restarting_warmup(name):
+    from pipeline.train.runtime import rescale_lr
+
+    cfg = SchedulerConfig(name=name, warmup_steps=3, restart_epochs=1.0)
+    full = _lrs(cfg, 12, 4)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    sched = build_scheduler(cfg, opt, total_steps=12, steps_per_epoch=4)
+    for _ in range(5):
+        model(torch.ones(2)).sum().backward()
+        opt.step()
+        sched.step()
+    opt_state, sched_state = opt.state_dict(), sched.state_dict()
+    # Resume with a peak LR of 2.0 instead of 1.0, in the trainer's order.
+    opt2 = torch.optim.AdamW(model.parameters(), lr=2.0)
+    sched2 = build_scheduler(cfg, opt2, total_steps=12, steps_per_epoch=4)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    rescale_lr(opt2, sched2, 2.0)
+    resumed = []
+    for _ in range(7):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx([2 * lr for lr in full[5:]])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt_state["state"][0]["exp_avg"])

@@ -183,6 +183,26 @@ def no_sync(model: torch.nn.Module):
     return contextlib.nullcontext()
 
 
+def rescale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, ratio: float) -> None:
+    """Scale a restored schedule by ``ratio`` (a changed ``optim.lr`` on resume).
+
+    torch's schedulers restore their own base LRs from the checkpoint, so a new peak LR would
+    otherwise be ignored silently. Scaling the current, initial and base LRs and the cosine
+    floors keeps the schedule's position (no second warmup) and the optimizer's moments.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    for sched in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+        if hasattr(sched, "base_lrs"):  # SequentialLR itself has none, its children do
+            sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+        if hasattr(sched, "_last_lr"):
+            sched._last_lr = [lr * ratio for lr in sched._last_lr]
+        if hasattr(sched, "eta_min"):
+            sched.eta_min *= ratio
+
+
 def free_memory(device: torch.device) -> None:
     """Called only after an OOM: drop references and return cached blocks to the driver."""
     gc.collect()

@@ -494,6 +494,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        old_lr = state["config"]["optim"]["lr"]
+        if old_lr != self.cfg.optim.lr:
+            runtime.rescale_lr(self.optimizer, self.scheduler, self.cfg.optim.lr / old_lr)
+            log.info(
+                "optim.lr changed on resume (%g -> %g): the schedule continues at its position, "
+                "scaled; optimizer moments are kept; warmup is not restarted",
+                old_lr, self.cfg.optim.lr,
+            )
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import random
+import re
 import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -96,3 +102,54 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_run(tmp_path):
     a = load_checkpoint(uninterrupted.checkpoint)["model"]
     b = load_checkpoint(resumed.checkpoint)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+
+
+def _train_cmd(out, *extra):
+    sets = [*TINY, "trainer.epochs=3", "trainer.deterministic=true",
+            "trainer.checkpoint_every_steps=2", f"output_dir={out}", *extra]
+    return [sys.executable, "-m", "pipeline", "train", "--scenario", "debug",
+            *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
+    """SIGKILL right after a randomly chosen step (so during the next step or a background
+    checkpoint write), four times, each followed by `--resume auto`: the final weights equal an
+    uninterrupted run's, and each resume restarts at most one checkpoint interval (2 steps)
+    before the last completed step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    clean = subprocess.run(_train_cmd(tmp_path / "clean"), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    total = 12  # 16 structures / micro-batch 4 x 3 epochs
+    rng = random.Random(7)
+    completed = 0  # last step seen completed before a kill
+    for attempt in range(5):  # four kills, then a run to the end
+        target = rng.randint(completed + 1, total - 1) if attempt < 4 else None
+        log_path = tmp_path / f"attempt-{attempt}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(_train_cmd(tmp_path / "killed") + ["--resume", "auto"],
+                                    env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 600
+            while proc.poll() is None and time.monotonic() < deadline:
+                steps = [int(n) for n in re.findall(r"step (\d+)/\d+ loss", log_path.read_text())]
+                if target is not None and steps and steps[-1] >= target:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+            proc.wait(timeout=60)
+        text = log_path.read_text()
+        resumed = re.search(r"resuming from \S+ \(step (\d+)\)", text)
+        start = int(resumed.group(1)) if resumed else 0
+        assert completed - start <= 2, (attempt, completed, start)
+        steps = [int(n) for n in re.findall(r"step (\d+)/\d+ loss", text)]
+        completed = steps[-1] if steps else start
+        if target is None:
+            assert proc.returncode == 0, text[-2000:]
+        else:
+            assert proc.returncode == -signal.SIGKILL
+    final = lambda root: load_checkpoint(find_latest(root))  # noqa: E731
+    a, b = final(tmp_path / "clean"), final(tmp_path / "killed")
+    assert a["step"] == b["step"] == total
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

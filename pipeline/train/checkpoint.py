@@ -174,13 +174,17 @@ class CheckpointManager:
         self.last_path: Path | None = None
         self.stall_s: list[float] = []
 
-    def save(self, state: dict, step: int, *, blocking: bool = False) -> Path:
+    def save(
+        self, state: dict, step: int, *, blocking: bool = False, name: str | None = None
+    ) -> Path:
+        """Write ``step-N.pt`` (or ``name``, e.g. ``best.pt``, which is never pruned)."""
         self.wait()
         start = time.perf_counter()
         state = snapshot({**state, "format_version": FORMAT_VERSION})
         self.stall_s.append(time.perf_counter() - start)
-        path = self.directory / f"step-{step:08d}.pt"
-        self.last_path = path
+        path = self.directory / (name or f"step-{step:08d}.pt")
+        if name is None:
+            self.last_path = path
         if blocking:
             self._write(path, state)
         else:
@@ -188,13 +192,6 @@ class CheckpointManager:
                 target=self._write, args=(path, state), name="checkpoint-writer", daemon=False
             )
             self._thread.start()
-        return path
-
-    def save_as(self, state: dict, name: str) -> Path:
-        """Write a named checkpoint (``best.pt``) synchronously."""
-        self.wait()
-        path = self.directory / name
-        write_checkpoint(path, snapshot({**state, "format_version": FORMAT_VERSION}))
         return path
 
     def wait(self) -> None:

@@ -159,6 +159,7 @@ class Trainer:
         self._stop_reason: str | None = None
         self._window_wait = 0.0  # seconds blocked on the loader for the current window
         self._started = time.monotonic()
+        self.checkpoint_stall_s = 0.0
         self._validated_at: int | None = None
 
         if checkpoint is not None:
@@ -306,7 +307,7 @@ class Trainer:
             if better:
                 self.best_metric = value
                 self.bad_validations = 0
-                self.checkpoints.save_as(self._state(), "best.pt")
+                self.save_checkpoint(name="best.pt")
             else:
                 self.bad_validations += 1
         if es.enabled and self.bad_validations >= es.patience:
@@ -486,9 +487,15 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
 
-    def save_checkpoint(self, *, blocking: bool = False) -> None:
+    def save_checkpoint(self, *, blocking: bool = False, name: str | None = None) -> None:
         if self.ctx.rank == 0:
-            self.checkpoints.save(self._state(), self.step, blocking=blocking)
+            start = time.perf_counter()
+            self.checkpoints.save(self._state(), self.step, blocking=blocking, name=name)
+            # The training thread's stall: waiting for the previous write, the state dicts and
+            # the device-to-host snapshot (the write itself runs in the background).
+            stall = time.perf_counter() - start
+            self.checkpoint_stall_s += stall
+            self.tracker.log_metrics({"perf/checkpoint_stall_ms": 1000 * stall}, step=self.step)
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -534,6 +541,15 @@ class Trainer:
         if self.ctx.rank == 0 and self.checkpoints.last_path != self._expected_last_path():
             self.save_checkpoint(blocking=True)
         self.checkpoints.wait()
+        elapsed = time.monotonic() - self._started
+        self.tracker.log_metrics(
+            {
+                "perf/checkpoint_stall_total_s": self.checkpoint_stall_s,
+                "perf/checkpoint_stall_share": self.checkpoint_stall_s / max(elapsed, 1e-9),
+                "perf/train_wall_s": elapsed,
+            },
+            step=self.step,
+        )
         self._log_health_report()
         runtime.log_final_artifacts(self.tracker, self.cfg, self.checkpoints, self.history)
         status = self._stop_reason or "finished"

@@ -45,12 +45,22 @@ def _config(tmp_path, *extra):
 
 def test_oom_is_retried_in_smaller_chunks_without_losing_samples(tmp_path):
     clean = train(_config(tmp_path, "tracking.enabled=false"))
-    faulty = train(_config(tmp_path, "tracking.enabled=false", "faults.oom_at_steps=[2]"))
+    faulty = train(_config(tmp_path, "tracking.enabled=false", "faults.oom_at_steps=[2]",
+                           "recovery.grow_back_after_steps=null"))
     assert faulty.status == "finished"
     assert faulty.step == clean.step and faulty.samples_seen == clean.samples_seen == 32
     state = load_checkpoint(faulty.checkpoint)
     assert state["counts"]["oom_recoveries"] == 1
     assert state["split"] == 2  # later micro-batches run as two chunks of 2
+
+
+def test_split_grows_back_after_a_stable_period(tmp_path):
+    result = train(_config(tmp_path, "tracking.enabled=false", "faults.oom_at_steps=[2]",
+                           "recovery.grow_back_after_steps=3"))
+    state = load_checkpoint(result.checkpoint)
+    assert state["counts"]["oom_recoveries"] == 1
+    assert state["split"] == 1  # split at step 2, whole micro-batches again from step 5
+    assert result.samples_seen == 32
 
 
 def test_oom_without_recovery_fails_after_checkpointing(tmp_path):

@@ -15,6 +15,9 @@ class RecoveryConfig:
         help="on OOM: free memory, split the micro-batch in two (same effective batch), retry",
     )
     max_oom_retries: int = spec(3, ge=0, help="splits tried for one window before giving up")
+    grow_back_after_steps: int | None = spec(
+        200, ge=1, help="after this many steps without OOM, undo one split (null: never)"
+    )
     non_finite: Literal["skip", "stop"] = spec(
         "skip", help="non-finite loss/gradients: skip the update (counted) or stop the run"
     )

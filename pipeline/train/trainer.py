@@ -149,6 +149,7 @@ class Trainer:
         self.samples_seen = 0
         self.batch_in_epoch = 0
         self.split = 1  # micro-batches are split in this many chunks after OOMs
+        self._last_oom_step = 0
         self.best_metric: float | None = None
         self.bad_validations = 0
         self.counts = {"oom_recoveries": 0, "non_finite_skipped": 0, "slow_steps": 0}
@@ -349,10 +350,17 @@ class Trainer:
     def _forward_backward_with_recovery(
         self, window: list[dict], n_structures: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        grow_back = self.cfg.recovery.grow_back_after_steps
+        if self.split > 1 and grow_back is not None and self.step - self._last_oom_step >= grow_back:
+            self.split //= 2  # stable for a while: try larger chunks again
+            self._last_oom_step = self.step
+            log.info("no OOM for %d steps: micro-batches now run in %d chunk(s)", grow_back,
+                     self.split)
         for attempt in range(self.cfg.recovery.max_oom_retries + 1):
             try:
                 return self._forward_backward(window, n_structures)
             except torch.OutOfMemoryError as exc:
+                self._last_oom_step = self.step
                 self.optimizer.zero_grad(set_to_none=True)
                 runtime.free_memory(self.device)
                 largest = max(len(b["names"]) for b in window)
@@ -480,6 +488,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "bad_validations": self.bad_validations,
             "split": self.split,
+            "last_oom_step": self._last_oom_step,
             "counts": dict(self.counts),
             "model_hash": model_hash(self.cfg),
             "config": to_dict(self.cfg),
@@ -517,6 +526,7 @@ class Trainer:
                     "bad_validations", "split"):
             setattr(self, key, state[key])
         self.counts.update(state["counts"])
+        self._last_oom_step = state.get("last_oom_step", 0)
 
     def _save_on_failure(self, exc: BaseException) -> None:
         """A failing run checkpoints first (unless the weights themselves are bad)."""

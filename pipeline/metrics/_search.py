@@ -275,3 +275,18 @@ def superposition_search(
     if best is None:
         raise ValueError("superposition_search needs at least one trajectory (T >= 1).")
     return best
+
+
+def reference_lengths(n_ref, n_valid: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 normalisation lengths: ``n_ref`` (scalar or per structure) or, when it
+    is ``None``, the number of aligned residues. ``n_ref`` below that number is an error."""
+    if n_ref is None:
+        return n_valid.double()
+    l_ref = torch.as_tensor(n_ref, dtype=torch.float64, device=n_valid.device)
+    l_ref = l_ref.expand(n_valid.shape[0]).clone()
+    if bool((l_ref < n_valid).any()):
+        raise ValueError(
+            f"n_ref must be at least the number of aligned residues {n_valid.tolist()}, "
+            f"but got n_ref={l_ref.tolist()}."
+        )
+    return l_ref

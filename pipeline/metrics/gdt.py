@@ -55,6 +55,7 @@ import torch
 from pipeline.metrics._search import (
     DEFAULT_CHUNK_ELEMENTS,
     compact,
+    reference_lengths,
     superposition_search,
     window_seeds,
 )
@@ -159,15 +160,7 @@ def gdt(
         raise ValueError(f"window_sizes must be positive, but got window_sizes={window_sizes}.")
     x, y, valid, n_valid = compact(model, reference, mask)
     bsz, dev = x.shape[0], x.device
-    if n_ref is None:
-        l_ref = n_valid.double()
-    else:
-        l_ref = torch.as_tensor(n_ref, dtype=torch.float64, device=dev).expand(bsz).clone()
-        if bool((l_ref < n_valid).any()):
-            raise ValueError(
-                f"n_ref must be at least the number of aligned residues {n_valid.tolist()}, "
-                f"but got n_ref={l_ref.tolist()}."
-            )
+    l_ref = reference_lengths(n_ref, n_valid)
 
     start, width, ok = window_seeds(n_valid.tolist(), _lga_widths(window_sizes), max_seeds, dev)
     n_cut = len(cut)

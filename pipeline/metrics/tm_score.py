@@ -34,6 +34,7 @@ import torch
 from pipeline.metrics._search import (
     DEFAULT_CHUNK_ELEMENTS,
     compact,
+    reference_lengths,
     superposition_search,
     window_seeds,
 )
@@ -151,15 +152,7 @@ def tm_score(
         raise ValueError(f"max_seeds must be at least 1, but got max_seeds={max_seeds}.")
     x, y, valid, n_valid = compact(model, reference, mask)
     bsz, dev = x.shape[0], x.device
-    if n_ref is None:
-        l_ref = n_valid.double()
-    else:
-        l_ref = torch.as_tensor(n_ref, dtype=torch.float64, device=dev).expand(bsz).clone()
-        if bool((l_ref < n_valid).any()):
-            raise ValueError(
-                f"n_ref must be at least the number of aligned residues {n_valid.tolist()}, "
-                f"but got n_ref={l_ref.tolist()}."
-            )
+    l_ref = reference_lengths(n_ref, n_valid)
     d0 = rna_d0(l_ref)
     d0_search = d0.clamp(4.5, 8.0)
 

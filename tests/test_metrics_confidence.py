@@ -125,3 +125,13 @@ def test_scale_mix_ups_are_rejected(predictions):
 def test_lddt_bins():
     bins = lddt_to_bins(torch.tensor([0.0, 0.019, 0.02, 0.5, 0.999, 1.0]), n_bins=50)
     assert bins.tolist() == [0, 0, 1, 25, 49, 49]
+
+
+def test_top_by_plddt_averages_over_the_mask_only():
+    from pipeline.metrics import top_by_plddt
+
+    plddt = torch.tensor([[[10.0, 10.0, 99.0], [50.0, 50.0, 0.0]]])  # (B=1, S=2, L=3)
+    mask = torch.tensor([[True, True, False]])  # residue 3 is padding
+    best, mean = top_by_plddt(plddt, mask)
+    assert best.tolist() == [1]
+    assert mean.tolist() == [[10.0, 50.0]]

@@ -29,6 +29,7 @@ from pipeline.metrics import (
     plddt_target,
     plot_calibration,
     score_predictions,
+    top_by_plddt,
 )
 from pipeline.model import build_model
 from pipeline.tracking import build_tracker
@@ -120,8 +121,7 @@ def evaluate_model(
         coords, plddt = out["coords"].float().cpu(), out["plddt"].float().cpu()
         per_sample = [score_predictions(coords[:, s], batch) for s in range(n_samples)]
         mask = batch["residue_mask"] & batch["atom_mask"][..., REPRESENTATIVE_ATOM]
-        mean_plddt = (plddt * mask[:, None]).sum(-1) / mask[:, None].sum(-1).clamp_min(1)
-        top = mean_plddt.argmax(1)
+        top, mean_plddt = top_by_plddt(plddt, mask)
         for b, name in enumerate(batch["names"]):
             row = {"target": name, "length": int(batch["lengths"][b]), "top_sample": int(top[b])}
             row["plddt"] = float(mean_plddt[b, top[b]])
@@ -144,8 +144,8 @@ def evaluate_model(
     summary = _aggregate(rows, confidence)
     csv_path = Path(output) if output else out_dir / "targets.csv"
     _write_csv(csv_path, rows)
-    _track(cfg, state, path, source_run, (n_samples, sampler_steps), summary, csv_path, pred_dir,
-           calibration, rows)
+    _track(cfg, state, path, source_run, summary, csv_path, pred_dir, calibration, rows,
+           n_samples=n_samples, sampler_steps=sampler_steps)
     lines = [f"evaluated {len(rows)} targets x {n_samples} samples from {path}"]
     lines += [f"  {k} = {v:.4f}" for k, v in summary.items()]
     lines.append(f"per-target CSV: {csv_path}")
@@ -188,8 +188,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _track(cfg, state, path, source_run, sampling, summary, csv_path, pred_dir, calibration, rows):
-    n_samples, sampler_steps = sampling
+def _track(cfg, state, path, source_run, summary, csv_path, pred_dir, calibration, rows, *,
+           n_samples, sampler_steps):
     tracker = build_tracker(
         cfg.tracking,
         run_name=f"evaluate-{run_name(cfg)}",

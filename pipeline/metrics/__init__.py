@@ -23,6 +23,7 @@ from pipeline.metrics.confidence import (
     pearson,
     plot_calibration,
     spearman,
+    top_by_plddt,
 )
 from pipeline.metrics.gdt import (
     GDT_HA_CUTOFFS,
@@ -81,6 +82,7 @@ __all__ = [
     "score_matched",
     "score_predictions",
     "spearman",
+    "top_by_plddt",
     "superimpose",
     "tm_fragment_lengths",
     "tm_score",

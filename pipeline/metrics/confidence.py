@@ -34,6 +34,7 @@ __all__ = [
     "pearson",
     "plot_calibration",
     "spearman",
+    "top_by_plddt",
 ]
 
 
@@ -236,3 +237,25 @@ def lddt_to_bins(lddt: torch.Tensor, n_bins: int = 50) -> torch.Tensor:
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, but got n_bins={n_bins}.")
     return torch.clamp((lddt * n_bins).floor().long(), 0, n_bins - 1)
+
+
+def top_by_plddt(plddt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample with the highest mean pLDDT for each structure.
+
+    Parameters
+    ----------
+    plddt : torch.Tensor
+        (B, S, L) pLDDT of S sampled structures, 0-100.
+    mask : torch.Tensor
+        (B, L) bool, residues to average over.
+
+    Returns
+    -------
+    best : torch.Tensor
+        (B,) int64 index of the chosen sample.
+    mean_plddt : torch.Tensor
+        (B, S) masked mean pLDDT of every sample.
+    """
+    weights = mask[:, None].to(plddt.dtype)
+    mean_plddt = (plddt * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+    return mean_plddt.argmax(dim=1), mean_plddt

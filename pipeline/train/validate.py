@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config.schema import Config
 from pipeline.data.features import REPRESENTATIVE_ATOM, features_only
-from pipeline.metrics import lddt, pearson, score_batch
+from pipeline.metrics import pearson, plddt_target, score_batch, top_by_plddt
 
 
 class Validator:
@@ -66,11 +66,11 @@ class Validator:
             )
         coords, plddt = out["coords"].float(), out["plddt"].float()  # (B,S,L,A,3), (B,S,L)
         mask = batch["residue_mask"] & batch["atom_mask"][..., REPRESENTATIVE_ATOM]
-        mean_plddt = (plddt * mask[:, None]).sum(-1) / mask[:, None].sum(-1).clamp_min(1)
-        best = mean_plddt.argmax(dim=1)  # top sample by pLDDT
+        best, _ = top_by_plddt(plddt, mask)
         index = torch.arange(coords.shape[0], device=coords.device)
         pred = coords[index, best][..., REPRESENTATIVE_ATOM, :]
         ref = batch["coords"][..., REPRESENTATIVE_ATOM, :]
         scores = score_batch(pred, ref, mask)
-        _, per_residue = lddt(pred, ref, mask)
-        return scores, plddt[index, best], per_residue, mask
+        # The pLDDT head's target, over the residues where it is defined (as in evaluation).
+        true_lddt, defined = plddt_target(pred, ref, mask)
+        return scores, plddt[index, best], true_lddt, defined

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +171,13 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_path: Path | None = None
-        self.stall_s: list[float] = []
 
     def save(
         self, state: dict, step: int, *, blocking: bool = False, name: str | None = None
     ) -> Path:
         """Write ``step-N.pt`` (or ``name``, e.g. ``best.pt``, which is never pruned)."""
         self.wait()
-        start = time.perf_counter()
         state = snapshot({**state, "format_version": FORMAT_VERSION})
-        self.stall_s.append(time.perf_counter() - start)
         path = self.directory / (name or f"step-{step:08d}.pt")
         if name is None:
             self.last_path = path

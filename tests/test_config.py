@@ -203,3 +203,13 @@ def test_python_tags_are_refused_in_config_files(tmp_path):
     path.write_text("seed: !!python/object/apply:os.getpid []\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(config_file=path)
+
+
+@pytest.mark.parametrize("storage", ["bogus://x", "postgresql+nodriver://127.0.0.1/x"])
+def test_unusable_tune_storage_is_one_line(storage, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = main(["tune", "--scenario", "debug", "--storage", storage, "--n-trials", "1",
+                 "--set", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: --storage: cannot open the study")

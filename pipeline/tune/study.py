@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import optuna
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config.fields import spec
 from pipeline.config.loader import (
@@ -165,8 +166,9 @@ def run_study(
             direction=tune.direction,
             load_if_exists=True,
         )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
-        raise PipelineError(f"--storage: cannot open the study ({exc})") from None
+    except (ValueError, ImportError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"--storage: cannot open the study ({reason})") from None
     parent = build_tracker(
         dataclasses.replace(base.tracking, system_metrics=False),
         run_name=f"tune-{study_name}",

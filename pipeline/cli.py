@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", type=_blank_is_none, help="Optuna storage URL")
     p.add_argument("--study-name", type=_blank_is_none, help="study name (resumes if it exists)")
     p.add_argument("--tune-config", type=_blank_is_none, help="search-space file (configs/tune.yaml)")
+    p.add_argument(
+        "--n-workers", type=_optional(int), default=1,
+        help="local worker processes (one per GPU when there are GPUs)",
+    )
+    p.add_argument(
+        "--parent-run-id", type=_blank_is_none,
+        help="join a study led elsewhere: add trials as children of this MLflow run",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --n-workers
 
     p = sub.add_parser("data", help="inspect a directory of structure files")
     p.add_argument("--check", required=True, metavar="PATH", help="directory or list file")
@@ -200,7 +209,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         storage=args.storage,
         study_name=args.study_name,
-        parent_run_id=os.environ.get("MLFLOW_RUN_ID"),
+        parent_run_id=args.parent_run_id or os.environ.get("MLFLOW_RUN_ID"),
+        n_workers=args.n_workers if args.n_workers is not None else 1,
+        join=args.parent_run_id is not None and not args.worker,
+        worker=args.worker,
     )
     print(summary)
     return 0

@@ -221,6 +221,20 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         if value in args:
             return value, None
         return None, "one of " + ", ".join(repr(a) for a in args)
+    if hint is Any:
+        return value, None
+    if origin is dict:
+        key_type, value_type = args
+        if not isinstance(value, dict):
+            return None, "a mapping"
+        mapping = {}
+        for k, v in value.items():
+            converted_key, problem = _coerce(k, key_type)
+            converted, problem2 = _coerce(v, value_type)
+            if problem or problem2:
+                return None, f"a mapping of {_describe(key_type)} to {_describe(value_type)}"
+            mapping[converted_key] = converted
+        return mapping, None
     if origin is list:
         (item_type,) = args
         if not isinstance(value, list):
@@ -295,7 +309,10 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {_plural(typing.get_args(hint)[0])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             Any: "any value"}
     return names.get(hint, str(hint))
 
 

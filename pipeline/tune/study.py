@@ -2,13 +2,21 @@
 
 * The search space (``configs/tune.yaml``) names dotted config keys; suggested values are merged
   over the base config (scenario/preset/--set) and validated like any config.
-* Every trial trains for the same number of epochs, so every trial sees the same samples
-  whatever its accumulation steps; intermediate values are reported against *samples seen*, an
-  axis that does not depend on accumulation, so the pruner compares like with like.
-* MLflow: one parent run for the study (under ``mlflow run`` that is the run it created); each
-  trial is a child run created when the trial starts; pruned trials end KILLED with a tag.
+* Budget: by default every trial trains for the same number of epochs, so every trial sees the
+  same samples whatever its accumulation steps; ``time_budget_minutes`` gives every trial the
+  same wall time instead (then a faster input pipeline buys more training). Intermediate values
+  are reported against *samples seen*, an axis that does not depend on accumulation, so the
+  pruner compares like with like.
+* ``objective: pareto`` optimises quality and throughput together (samples per second of trial
+  wall time); the study keeps a Pareto front. Optuna cannot prune such studies.
+* MLflow: one parent run for the study (under ``mlflow run`` that is the run it created; a
+  resumed study goes on in its parent run); each trial is a child run created when the trial
+  starts; pruned trials end KILLED with a tag, failed ones FAILED with the error.
 * Storage: an Optuna journal file in the output directory by default (re-running with the same
-  study name continues the study); any Optuna storage URL (e.g. PostgreSQL) with ``--storage``.
+  study name continues the study); any SQLAlchemy URL (e.g. PostgreSQL) with ``--storage``, with
+  heartbeats so that the trial of a worker that died is failed and retried.
+* Workers: ``--n-workers N`` starts N local worker processes (one per GPU when there are GPUs);
+  on other hosts, ``--parent-run-id`` joins the same study and parent run.
 """
 
 from __future__ import annotations
@@ -16,12 +24,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 import yaml
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config.fields import spec
@@ -41,6 +56,11 @@ from pipeline.tracking import build_tracker
 
 log = logging.getLogger(__name__)
 
+#: Study user attribute: trials finished (complete, pruned or failed for good) at which the
+#: local workers of one ``--n-workers`` launch stop.
+_TARGET_ATTR = "target_finished_trials"
+_PARENT_ATTR = "mlflow_parent_run_id"
+
 
 @dataclass
 class SearchParam:
@@ -50,15 +70,40 @@ class SearchParam:
     log: bool = spec(False, help="sample on a log scale")
     choices: list[int | float | str] | None = spec(None, help="values (categorical)")
 
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in (self.choices or [])
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
 
 @dataclass
 class TuneConfig:
     metric: str = spec("val/lddt", help="validation metric to optimise")
     direction: Literal["maximize", "minimize"] = spec("maximize", help="optimisation direction")
+    objective: Literal["quality", "pareto"] = spec(
+        "quality", help="quality: the metric alone; pareto: the metric and samples/s together"
+    )
+    time_budget_minutes: float | None = spec(
+        None, gt=0, help="give every trial this wall time (default: the same samples, epochs)"
+    )
     sampler: Literal["tpe", "random"] = spec("tpe", help="Optuna sampler")
     pruner: Literal["median", "hyperband", "none"] = spec("median", help="Optuna pruner")
     n_startup_trials: int = spec(2, ge=0, help="trials completed before pruning starts")
     n_trials: int = spec(20, ge=1, help="trials when --n-trials is not given")
+    heartbeat_interval_s: int = spec(
+        30, ge=1, help="database storages: seconds between a running trial's heartbeats"
+    )
+    grace_period_s: int | None = spec(
+        None, ge=1, help="a trial without heartbeat this long has lost its worker (2x interval)"
+    )
+    max_retries: int = spec(1, ge=0, help="reruns of a trial whose worker died")
+    enqueue: list[dict[str, Any]] = spec(
+        [], help="parameter sets to try first (e.g. the current defaults)"
+    )
     search_space: dict[str, SearchParam] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
@@ -74,6 +119,15 @@ class TuneConfig:
                 errors.append(f"{where}: expected low <= high, got low={p.low} high={p.high}")
             elif p.log and p.low <= 0:
                 errors.append(f"{where}.low: expected > 0 with log: true, got {p.low}")
+        if errors:
+            return errors
+        for i, params in enumerate(self.enqueue):
+            for key, value in params.items():
+                p = self.search_space.get(key)
+                if p is None:
+                    errors.append(f"enqueue[{i}].{key}: not in search_space")
+                elif not p.contains(value):
+                    errors.append(f"enqueue[{i}].{key}: {value!r} is outside the search space")
         return errors
 
 
@@ -108,38 +162,169 @@ def suggest(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
     return values
 
 
-def trial_config(base: Config, values: dict[str, Any], output_dir: Path) -> Config:
+def trial_config(
+    base: Config, values: dict[str, Any], output_dir: Path, tune: TuneConfig | None = None
+) -> Config:
     data = to_dict(base)
     for key, value in values.items():
         data = merge(data, nested(key, value))
+    if tune is not None and tune.time_budget_minutes is not None:
+        data = merge(data, nested("trainer.time_limit_minutes", tune.time_budget_minutes))
     data["output_dir"] = str(output_dir)
     return from_dict(data)
 
 
-def _sampler(tune: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+# ====================================================================== study and storage
+def _sampler(tune: TuneConfig, seed: int | None) -> optuna.samplers.BaseSampler:
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(tune.n_startup_trials, 1))
 
 
 def _pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+    if tune.objective == "pareto" or tune.pruner == "none":
+        return optuna.pruners.NopPruner()
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.n_startup_trials)
-    if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.HyperbandPruner()
 
 
-def _storage(url: str | None, output_dir: Path):
-    if url:
-        return url
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+class _WorkerLost:
+    """A trial whose worker died: fail its MLflow run, and rerun it up to ``max_retries``."""
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(output_dir / "optuna-journal.log")))
+    def __init__(self, tune: TuneConfig, tracking_enabled: bool):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max(tune.max_retries, 1)
+            )
+        self.max_retries = tune.max_retries
+        self.tracking_enabled = tracking_enabled
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = f"worker {trial.user_attrs.get('worker', '?')} lost during trial {trial.number}"
+        log.warning("tune: %s", reason)
+        if self.max_retries > 0:
+            self.retry(study, trial)
+        parent = trial.user_attrs.get("parent_run_id")
+        if self.tracking_enabled and parent:
+            _fail_trial_runs(parent, trial.number, reason)
 
 
+def _open_study(
+    tune: TuneConfig, url: str | None, root: Path, name: str, seed: int | None, tracking: bool
+) -> optuna.Study:
+    try:
+        if url:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage: Any = optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=tune.heartbeat_interval_s,
+                    grace_period=tune.grace_period_s,
+                    heartbeat_stale_trial_callback=_WorkerLost(tune, tracking),
+                )
+        else:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            root.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(str(root / "optuna-journal.log")))
+        directions = [tune.direction] + (["maximize"] if tune.objective == "pareto" else [])
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=_sampler(tune, seed),
+            pruner=_pruner(tune),
+            directions=directions,
+            load_if_exists=True,
+        )
+    except ImportError:
+        raise PipelineError(
+            f"--storage: no database driver for {_redact(url)} "
+            "(PostgreSQL: pip install 'psycopg[binary]')"
+        ) from None
+    except (ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"--storage: cannot open the study ({reason})") from None
+
+
+def _finished_trials(study: optuna.Study, *, running: bool = False) -> int:
+    """Trials that count towards ``--n-trials``: complete, pruned, or failed and not retried
+    (and, with ``running``, those still running in some worker)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    done = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
+    return sum(
+        t.state in done or (t.state == TrialState.FAIL and t.number not in retried)
+        for t in trials
+    )
+
+
+class _StopAt:
+    """Stop ``optimize`` once the study's finished and running trials reach ``target``, so that
+    workers sharing a study do not overshoot it (a retried trial keeps a worker going)."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        if _finished_trials(study, running=True) >= self.target:
+            study.stop()
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ====================================================================== the objective
+class _Objective:
+    def __init__(self, base: Config, tune: TuneConfig, root: Path, parent_run_id: str | None,
+                 study_name: str):
+        self.base, self.tune, self.root = base, tune, root
+        self.parent_run_id, self.study_name = parent_run_id, study_name
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        from pipeline.train.trainer import train
+
+        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("parent_run_id", self.parent_run_id)
+        values = suggest(trial, self.tune)
+        config = trial_config(self.base, values, self.root / f"trial-{trial.number:04d}", self.tune)
+        pareto = self.tune.objective == "pareto"
+
+        def on_validation(samples_seen: int, metrics: dict[str, float]) -> str | None:
+            value = metrics.get(self.tune.metric)
+            if pareto or value is None or not math.isfinite(value):
+                return None
+            trial.report(value, step=samples_seen)
+            return "prune" if trial.should_prune() else None
+
+        started = time.monotonic()
+        try:
+            result = train(
+                config,
+                parent_run_id=self.parent_run_id,
+                on_validation=on_validation,
+                extra_tags={"trial": trial.number, "study_name": self.study_name},
+            )
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        throughput = result.samples_seen / max(time.monotonic() - started, 1e-9)
+        trial.set_user_attr("run_id", result.run_id)
+        trial.set_user_attr("samples_seen", result.samples_seen)
+        trial.set_user_attr("samples_per_s", throughput)
+        trial.set_user_attr("status", result.status)
+        if result.status == "pruned":
+            raise optuna.TrialPruned()
+        value = result.metrics.get(self.tune.metric)
+        if value is None:
+            raise PipelineError(f"trial {trial.number}: no {self.tune.metric} was computed")
+        return (value, throughput) if pareto else value
+
+
+# ====================================================================== entry point
 def run_study(
     base: Config,
     *,
@@ -149,118 +334,277 @@ def run_study(
     storage: str | None = None,
     study_name: str | None = None,
     parent_run_id: str | None = None,
+    n_workers: int = 1,
+    join: bool = False,
+    worker: bool = False,
 ) -> str:
-    """Run (or continue) a study; returns a one-paragraph summary."""
-    from pipeline.train.trainer import train
+    """Run (or continue) a study; returns a one-paragraph summary.
 
+    ``n_workers > 1`` runs the trials in that many local worker processes. ``join`` (with
+    ``parent_run_id``) adds trials to a study another process leads: no parent run is created
+    or finished. ``worker`` is such a joining process started by ``n_workers``: it stops when
+    the study reaches the launch's target.
+    """
     tune = load_tune_config(tune_config)
     _check_space(base, tune)
+    if n_workers < 1:
+        raise ConfigError(f"--n-workers: expected >= 1, got {n_workers}")
+    if (join or worker) and not parent_run_id and base.tracking.enabled:
+        raise ConfigError("--parent-run-id: required to join a study's parent run")
+    if tune.objective == "pareto" and tune.pruner != "none":
+        log.info("tune: objective pareto: trials are not pruned (Optuna cannot prune them)")
     study_name = study_name or f"diffold-{base.scenario or 'custom'}"
     root = Path(base.output_dir) / "tune" / study_name
-    try:
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=_storage(storage, root),
-            sampler=_sampler(tune, base.seed),
-            pruner=_pruner(tune),
-            direction=tune.direction,
-            load_if_exists=True,
+    # Workers sharing a study draw their own suggestions (the same seed would repeat them).
+    seed = base.seed + os.getpid() if join or worker else base.seed
+    study = _open_study(tune, storage, root, study_name, seed, base.tracking.enabled)
+
+    if join or worker:
+        target = (
+            int(study.user_attrs[_TARGET_ATTR])
+            if worker
+            else _finished_trials(study) + (n_trials or tune.n_trials)
         )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"--storage: cannot open the study ({reason})") from None
+        _optimize(study, base, tune, root, parent_run_id, target, timeout)
+        return f"study {study_name}: worker {_worker_id()} done"
+
+    lost = _WorkerLost(tune, base.tracking.enabled)
+    _fail_dead_local_trials(study, lost)
+    for params in tune.enqueue:
+        study.enqueue_trial(params, skip_if_exists=True)
+    parent_run_id = parent_run_id or _previous_parent(study)
     parent = build_tracker(
         dataclasses.replace(base.tracking, system_metrics=False),
         run_name=f"tune-{study_name}",
         run_id=parent_run_id,
         tags={"study_name": study_name, "role": "tune-parent", "scenario": base.scenario},
     )
-    parent.log_params(
-        {
-            "study_name": study_name,
-            "sampler": tune.sampler,
-            "pruner": tune.pruner,
-            "metric": tune.metric,
-            "direction": tune.direction,
-            **{f"search.{k}": dataclasses.asdict(v) for k, v in tune.search_space.items()},
-        }
-    )
-
-    def objective(trial: optuna.Trial) -> float:
-        values = suggest(trial, tune)
-        config = trial_config(base, values, root / f"trial-{trial.number:04d}")
-
-        def on_validation(samples_seen: int, metrics: dict[str, float]) -> str | None:
-            value = metrics.get(tune.metric)
-            if value is None or not math.isfinite(value):
-                return None
-            trial.report(value, step=samples_seen)
-            return "prune" if trial.should_prune() else None
-
-        result = train(
-            config,
-            parent_run_id=parent.run_id,
-            on_validation=on_validation,
-            extra_tags={"trial": trial.number, "study_name": study_name},
-        )
-        trial.set_user_attr("run_id", result.run_id)
-        trial.set_user_attr("samples_seen", result.samples_seen)
-        if result.status == "pruned":
-            raise optuna.TrialPruned()
-        value = result.metrics.get(tune.metric)
-        if value is None:
-            raise PipelineError(f"trial {trial.number}: no {tune.metric} was computed")
-        parent.log_metrics({f"tune/{tune.metric}": value}, step=trial.number)
-        return value
-
+    if parent.run_id:
+        study.set_user_attr(_PARENT_ATTR, parent.run_id)
+    parent.log_params(_study_params(study_name, tune, n_workers, storage))
+    target = _finished_trials(study) + (n_trials or tune.n_trials)
     status = "FAILED"
     try:
-        study.optimize(
-            objective,
-            n_trials=n_trials or tune.n_trials,
-            timeout=timeout,
-            catch=(PipelineError, RuntimeError),
-        )
+        if n_workers == 1:
+            _optimize(study, base, tune, root, parent.run_id, target, timeout)
+        else:
+            study.set_user_attr(_TARGET_ATTR, target)
+            _run_workers(n_workers, base, tune_config, storage, study, root, parent.run_id,
+                         timeout, tune)
         status = "FINISHED"
         return _log_study(parent, study, base, tune, root)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         parent.close(status)
 
 
+def _optimize(study, base, tune, root, parent_run_id, target, timeout) -> None:
+    if _finished_trials(study) >= target:
+        return
+    study.optimize(
+        _Objective(base, tune, root, parent_run_id, study.study_name),
+        timeout=timeout,
+        catch=(PipelineError, RuntimeError),
+        callbacks=[_StopAt(target)],
+    )
+
+
+def _previous_parent(study: optuna.Study) -> str | None:
+    """The parent run of an earlier session of this study, if the tracking store still has it."""
+    run_id = study.user_attrs.get(_PARENT_ATTR)
+    if not run_id:
+        return None
+    try:
+        import mlflow
+
+        mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # another tracking store, or the run was deleted: start a new parent
+        return None
+    return run_id
+
+
+def _study_params(study_name: str, tune: TuneConfig, n_workers: int, storage: str | None):
+    return {
+        "study_name": study_name,
+        "sampler": tune.sampler,
+        "pruner": "none" if tune.objective == "pareto" else tune.pruner,
+        "metric": tune.metric,
+        "direction": tune.direction,
+        "objective": tune.objective,
+        "budget": (
+            f"{tune.time_budget_minutes} min per trial" if tune.time_budget_minutes else "epochs"
+        ),
+        "n_workers": n_workers,
+        "storage": _redact(storage) if storage else "journal file",
+        **{f"search.{k}": dataclasses.asdict(v) for k, v in tune.search_space.items()},
+    }
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"
+
+
+# ====================================================================== local workers
+def _run_workers(n, base, tune_config, storage, study, root, parent_run_id, timeout, tune):
+    """Start ``n`` worker processes on this host and wait; fail the trials of dead workers."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    base_file = root / "base_config.yaml"
+    base_file.write_text(to_yaml(base))
+    n_gpus = torch.cuda.device_count()
+    command = [
+        sys.executable, "-m", "pipeline", "tune", "--worker",
+        "--config", str(base_file), "--study-name", study.study_name,
+    ]
+    for flag, value in (("--tune-config", tune_config), ("--storage", storage),
+                        ("--parent-run-id", parent_run_id), ("--timeout", timeout)):
+        if value is not None:
+            command += [flag, str(value)]
+    procs = []
+    for i in range(n):
+        env = dict(os.environ)
+        env.pop("MLFLOW_RUN_ID", None)  # workers log child runs, not into the parent
+        if n_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
+        else:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        procs.append(subprocess.Popen(command, env=env))
+    log.info("tune: %d workers started (pids %s)", n, " ".join(str(p.pid) for p in procs))
+    lost = _WorkerLost(tune, base.tracking.enabled)
+    running = list(procs)
+    while running:
+        time.sleep(1.0)
+        for proc in list(running):
+            code = proc.poll()
+            if code is None:
+                continue
+            running.remove(proc)
+            if code != 0:
+                log.warning("tune: worker %d exited with code %d", proc.pid, code)
+                _fail_orphans(study, f"{socket.gethostname()}:{proc.pid}", lost)
+    if all(p.returncode != 0 for p in procs):
+        raise PipelineError(f"tune: all {n} workers failed (see their output above)")
+
+
+def _fail_orphans(study: optuna.Study, worker: str, lost: _WorkerLost) -> None:
+    """Trials left RUNNING by a worker that is gone: FAIL them (and rerun them)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == worker:
+            study.tell(trial.number, state=TrialState.FAIL)
+            lost(study, study.get_trials(deepcopy=False)[trial.number])
+
+
+def _fail_dead_local_trials(study: optuna.Study, lost: _WorkerLost) -> None:
+    """RUNNING trials of processes of this host that no longer exist (an earlier session that
+    was killed): without this, a journal-file study would wait for them forever."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            _fail_orphans(study, f"{host}:{pid}", lost)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fail_trial_runs(parent: str, number: int, reason: str) -> None:
+    """Mark the MLflow child run(s) of a trial whose worker died FAILED, with the reason."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient()
+        experiment = client.get_run(parent).info.experiment_id
+        runs = client.search_runs(
+            [experiment],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent}' and tags.trial = '{number}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in runs:
+            client.set_tag(run.info.run_id, "error", reason)
+            client.set_terminated(run.info.run_id, status="FAILED")
+    except Exception as exc:  # the study goes on without the bookkeeping
+        log.warning("tune: could not mark the MLflow run of trial %d failed (%s)", number, exc)
+
+
+# ====================================================================== results
 def _log_study(parent, study: optuna.Study, base: Config, tune: TuneConfig, root: Path) -> str:
     states = [t.state.name for t in study.trials]
     counts = {s: states.count(s) for s in sorted(set(states))}
     parent.log_metrics({f"tune/n_{s.lower()}": float(n) for s, n in counts.items()}, step=0)
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for t in completed:
+        parent.log_metrics({f"tune/{tune.metric}": t.values[0]}, step=t.number)
     if not completed:
         return f"study {study.study_name}: no completed trial ({counts})"
-    best = study.best_trial
+    root.mkdir(parents=True, exist_ok=True)
+    if tune.objective == "pareto":
+        front = sorted(study.best_trials, key=lambda t: t.values[0], reverse=tune.direction == "maximize")
+        rows = [
+            {"trial": t.number, tune.metric: t.values[0], "samples_per_s": t.values[1],
+             "params": t.params, "run_id": t.user_attrs.get("run_id")}
+            for t in front
+        ]
+        text = yaml.safe_dump(rows, sort_keys=False)
+        (root / "pareto_front.yaml").write_text(text)
+        parent.log_text(text, "pareto_front.yaml")
+        best = front[0]
+    else:
+        best = study.best_trial
     parent.log_params({f"best.{k}": v for k, v in best.params.items()})
-    parent.log_metrics({f"best/{tune.metric}": best.value}, step=0)
+    parent.log_metrics({f"best/{tune.metric}": best.values[0]}, step=0)
     best_config = trial_config(base, best.params, Path(base.output_dir))
     text = to_yaml(best_config)
-    root.mkdir(parents=True, exist_ok=True)
     (root / "best_config.yaml").write_text(text)
     parent.log_text(text, "best_config.yaml")
     parent.set_tags({"best_trial": best.number, "best_run_id": best.user_attrs.get("run_id")})
-    _log_plots(parent, study, len(completed))
+    _log_plots(parent, study, tune, len(completed))
+    front_note = f"; Pareto front of {len(study.best_trials)}" if tune.objective == "pareto" else ""
     return (
         f"study {study.study_name}: {counts}; best trial {best.number} "
-        f"{tune.metric}={best.value:.4f} with {yaml.safe_dump(best.params, default_flow_style=True).strip()}; "
+        f"{tune.metric}={best.values[0]:.4f} with "
+        f"{yaml.safe_dump(best.params, default_flow_style=True).strip()}{front_note}; "
         f"best config: {root / 'best_config.yaml'}"
     )
 
 
-def _log_plots(parent, study: optuna.Study, n_completed: int) -> None:
+def _log_plots(parent, study: optuna.Study, tune: TuneConfig, n_completed: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    plots = [("plots/optimization_history.png", ovm.plot_optimization_history)]
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    if tune.objective == "pareto":
+        names = [tune.metric, "samples/s"]
+        plots = [("plots/pareto_front.png", lambda s: ovm.plot_pareto_front(s, target_names=names))]
+        quality = {"target": lambda t: t.values[0], "target_name": tune.metric}
+    else:
+        plots, quality = [], {}
+    plots.append(("plots/optimization_history.png",
+                  lambda s: ovm.plot_optimization_history(s, **quality)))
     if n_completed >= 2:
-        plots.append(("plots/param_importances.png", ovm.plot_param_importances))
+        plots.append(("plots/param_importances.png",
+                      lambda s: ovm.plot_param_importances(s, **quality)))
     for name, plot in plots:
         try:
             ax = plot(study)

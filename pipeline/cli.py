@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_blank_is_none,
         help="'auto' (newest valid checkpoint under output_dir) or a checkpoint path",
     )
+    p.add_argument(
+        "--run-id",
+        type=_blank_is_none,
+        help="continue this MLflow run from its newest checkpoint: local, else its uploaded one",
+    )
 
     p = sub.add_parser("evaluate", help="score a trained model or external predictions")
     p.add_argument("--checkpoint", type=_blank_is_none, help="checkpoint file")
@@ -162,7 +167,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
     config = _load(args)
-    result = train(config, resume=args.resume, run_id=os.environ.get("MLFLOW_RUN_ID"))
+    result = train(
+        config,
+        resume=args.resume,
+        run_id=os.environ.get("MLFLOW_RUN_ID"),
+        continue_run=args.run_id,
+    )
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if "/" in k)
     print(
         f"run {result.run_id or '(untracked)'} {result.status}: step {result.step}, "

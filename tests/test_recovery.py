@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
 from pipeline.config.loader import load_config
-from pipeline.train.checkpoint import find_latest, load_checkpoint
+from pipeline.train.checkpoint import find_latest, load_checkpoint, read_entry
 from pipeline.train.trainer import Interrupted, NonFiniteStop, train
 
 TINY = [
@@ -112,6 +113,57 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_run(tmp_path):
     a = load_checkpoint(uninterrupted.checkpoint)["model"]
     b = load_checkpoint(resumed.checkpoint)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+
+
+def test_sigterm_then_continue_the_run_on_another_machine(tmp_path, capsys):
+    """`train --run-id` with an empty output_dir downloads the run's uploaded checkpoint
+    (checksum verified), continues the same MLflow run and ends bit-identical."""
+    from pipeline.cli import main
+
+    sets = [*TINY, "data.n_train=8", "trainer.deterministic=true"]  # 2 steps/epoch, 4 in all
+    reference = train(load_config(scenario="debug", overrides=[
+        *sets, "tracking.enabled=false", f"output_dir={tmp_path / 'reference'}"]))
+    with pytest.raises(Interrupted):  # after step 3: one validation (best.pt) and a checkpoint
+        train(load_config(scenario="debug", overrides=[
+            *sets, "faults.sigterm_at_step=3", f"output_dir={tmp_path / 'first'}"]))
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("diffold").experiment_id])
+    assert run.info.status == "KILLED"
+    capsys.readouterr()
+    args = ["train", "--scenario", "debug", *[a for s in sets for a in ("--set", s)],
+            "--set", f"output_dir={tmp_path / 'second'}", "--run-id", run.info.run_id]
+    assert main(args) == 0
+    assert f"run {run.info.run_id} finished: step 4" in capsys.readouterr().out
+    (after,) = client.search_runs([run.info.experiment_id])  # no second run
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # one history, no gap, no step twice
+    # The downloaded checkpoint went where a local one would be, best.pt beside it.
+    (run_dir,) = (tmp_path / "second" / "runs").iterdir()
+    assert run_dir.name == next((tmp_path / "first" / "runs").iterdir()).name
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    a = load_checkpoint(reference.checkpoint)["model"]
+    b = load_checkpoint(find_latest(tmp_path / "second"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+    uploaded = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/checkpoints/last.pt", dst_path=str(tmp_path / "down"))
+    assert read_entry(Path(uploaded), "step") == 4  # uploads went on into the same run
+
+
+def test_run_id_without_a_run_or_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    args = ["train", "--scenario", "debug", "--set", f"output_dir={tmp_path / 'out'}"]
+    assert main([*args, "--run-id", "0123456789abcdef0123456789abcdef"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --run-id 0123456789abcdef0123456789abcdef: no such MLflow run at "
+                   f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    empty = client.create_run(client.create_experiment("empty")).info.run_id
+    assert main([*args, "--run-id", empty]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --run-id {empty}: the run has no checkpoint artifact "
+                   "(checkpoints/last.pt)")
 
 
 def _train_cmd(out, *extra):

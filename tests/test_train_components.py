@@ -317,3 +317,102 @@ def test_changed_lr_on_resume_scales_the_schedule_without_restarting_warmup(name
         sched2.step()
     assert resumed == pytest.approx([2 * lr for lr in full[5:]])
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt_state["state"][0]["exp_avg"])
+
+
+# Validations after every 2nd step. The first falls in the 3-step warmup and is not counted
+# (were it counted, its 0.9 would make every later value a non-improvement).
+PLATEAU_METRICS = [0.9, 0.1, 0.2, 0.2, 0.2001, 0.15, 0.3, 0.1, 0.1, 0.1]
+PLATEAU_CFG = SchedulerConfig(
+    name="plateau", warmup_steps=3, warmup_start_factor=0.25, min_lr_ratio=0.0,
+    plateau_factor=0.5, plateau_patience=2, plateau_threshold=1e-3,
+)
+
+
+def _plateau_lrs(
+    cfg: SchedulerConfig, *, stop_after: int | None = None, new_lr: float | None = None,
+    tmp_path=None,
+) -> list[float]:
+    """LR of each of 22 optimizer steps, validating (``PLATEAU_METRICS``) after every 2nd.
+
+    With ``stop_after``, optimizer and scheduler go through a checkpoint file after that many
+    steps and are rebuilt as the trainer does on resume (with ``new_lr``: a changed optim.lr).
+    """
+    from pipeline.train.runtime import rescale_lr
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = build_scheduler(cfg, opt, total_steps=22, steps_per_epoch=2, mode="max")
+    metrics = list(PLATEAU_METRICS)
+    lrs = []
+    for step in range(1, 23):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if step % 2 == 0 and metrics:  # the 11th validation would only move step 23
+            sched.observe(metrics.pop(0))
+        if step == stop_after:
+            path = tmp_path / "step.pt"
+            write_checkpoint(path, {"format_version": 1, "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict()})
+            state = load_checkpoint(path)  # weights_only=True
+            opt = torch.optim.SGD(model.parameters(), lr=new_lr or 1.0)
+            sched = build_scheduler(cfg, opt, total_steps=22, steps_per_epoch=2, mode="max")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if new_lr is not None:
+                rescale_lr(opt, sched, new_lr / 1.0)
+    return lrs
+
+
+def test_plateau_warms_up_then_reduces_exactly_when_patience_runs_out():
+    lrs = _plateau_lrs(PLATEAU_CFG)
+    # Warmup 0.25 -> 1 over 3 steps. Counted validations (after steps 4, 6, ...): 0.1 best,
+    # 0.2 better, then 0.2, 0.2001 (< 0.1% better) and 0.15: the third without improvement
+    # (patience 2) halves the LR from step 13 on; 0.3 is a new best, then three times 0.1:
+    # halved again from step 21 on.
+    expected = [0.25, 0.5, 0.75] + [1.0] * 9 + [0.5] * 8 + [0.25] * 2
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_plateau_floor_is_min_lr_ratio():
+    lrs = _plateau_lrs(SchedulerConfig(**{**PLATEAU_CFG.__dict__, "min_lr_ratio": 0.4}))
+    assert lrs[-2:] == pytest.approx([0.4, 0.4])  # 0.5 * 0.5 would be 0.25
+
+
+def test_plateau_resumes_identically_mid_streak(tmp_path):
+    """Stopped after step 10: two validations without improvement are pending."""
+    full = _plateau_lrs(PLATEAU_CFG)
+    assert _plateau_lrs(PLATEAU_CFG, stop_after=10, tmp_path=tmp_path) == pytest.approx(
+        full, abs=1e-12
+    )
+    # Stopped during the warmup, too: the warmup continues where it was, once.
+    assert _plateau_lrs(PLATEAU_CFG, stop_after=1, tmp_path=tmp_path) == pytest.approx(
+        full, abs=1e-12
+    )
+
+
+def test_plateau_rescaled_on_resume_with_a_new_lr(tmp_path):
+    cfg = SchedulerConfig(**{**PLATEAU_CFG.__dict__, "min_lr_ratio": 0.3})
+    full = _plateau_lrs(cfg)
+    resumed = _plateau_lrs(cfg, stop_after=14, new_lr=2.0, tmp_path=tmp_path)
+    assert resumed[:14] == pytest.approx(full[:14])
+    # Same position (one reduction done, no second warmup), doubled; the floor doubles too:
+    # 2 x 0.3 = 0.6 instead of 2 x 0.25.
+    assert full[14:] == pytest.approx([0.5] * 6 + [0.3] * 2)
+    assert resumed[14:] == pytest.approx([1.0] * 6 + [0.6] * 2)
+
+
+def test_find_latest_of_one_run(tmp_path):
+    """`train --run-id` continues from that run's newest local checkpoint, not another's."""
+    import os
+    import time
+
+    older = tmp_path / "runs" / "a" / "checkpoints" / "step-00000004.pt"
+    newer = tmp_path / "runs" / "b" / "checkpoints" / "step-00000002.pt"
+    write_checkpoint(older, {"format_version": 1, "run_id": "run-a"})
+    write_checkpoint(newer, {"format_version": 1, "run_id": "run-b"})
+    now = time.time()
+    os.utime(older, (now - 10, now - 10))
+    assert find_latest(tmp_path) == newer
+    assert find_latest(tmp_path, run_id="run-a") == older
+    assert find_latest(tmp_path, run_id="run-c") is None

@@ -24,7 +24,17 @@ class TrackingConfig:
     )
     system_metrics: bool = spec(True, help="MLflow's system/* sampler (CPU, RAM, GPU via NVML)")
     system_interval_s: float = spec(10.0, gt=0, help="seconds between system/* samples")
-    log_checkpoints: bool = spec(True, help="upload the last and best checkpoints as artifacts")
+    log_checkpoints: bool = spec(
+        True, help="upload each checkpoint (as last.pt) and best.pt to checkpoints/ as written"
+    )
+    register_model: str | None = spec(
+        None, help="register the logged model under this name in the MLflow model registry"
+    )
+
+    def validate(self) -> list[str]:
+        if self.register_model is not None and not self.register_model.strip():
+            return ["tracking.register_model: expected a model name or null, got ''"]
+        return []
 
 
 class Tracker(Protocol):
@@ -43,6 +53,20 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+
+    def log_checkpoint(self, path: str | Path, name: str) -> None:
+        """Upload checkpoint ``path`` and its ``.sha256`` file as ``checkpoints/<name>`` off the
+        caller's thread; a newer one of the same name replaces one not sent yet. A failed
+        upload is a warning, retried at the next call; it never raises."""
+        ...
+
+    def log_model(
+        self, model: Any, name: str, *, step: int, registered_model_name: str | None = None
+    ) -> None:
+        """Log ``model`` (a torch module) as the run's model ``name`` (loadable with
+        ``mlflow.pytorch.load_model``), linked to the run's metrics at ``step``; with
+        ``registered_model_name``, also register it as a new version of that model."""
+        ...
 
     def flush(self) -> None: ...
 
@@ -70,6 +94,12 @@ class NullTracker:
         pass
 
     def log_figure(self, figure, artifact_file):
+        pass
+
+    def log_checkpoint(self, path, name):
+        pass
+
+    def log_model(self, model, name, *, step, registered_model_name=None):
         pass
 
     def flush(self):

@@ -5,13 +5,17 @@ mode still ~1 ms per call on the enqueue (measured on the GPU machine); a traini
 ~30 ms. So ``log_metrics`` here only appends to a list under a lock (microseconds) and a worker
 thread sends everything buffered with ``MlflowClient.log_batch`` every ``flush_interval_s``.
 Artifact uploads (checkpoints, reports) go through the same worker, in order, off the training
-thread. A failed send is kept and retried on the next round, never dropped.
+thread. A failed send is kept and retried on the next round, never dropped. Checkpoints are
+uploaded under fixed names (``checkpoints/last.pt``, ``checkpoints/best.pt``), each newer one
+overwriting the last, and a failed checkpoint upload waits for the next checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -23,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import CheckpointError, PipelineError
 from pipeline.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 _PARAM_BATCH_LIMIT = 100
 _PARAM_VALUE_LIMIT = 6000
+_DISTRIBUTION = "diffold-pipeline"  # this package's name on pip (pyproject.toml)
 
 
 def tracking_uri() -> str:
@@ -73,6 +78,10 @@ class MlflowTracker:
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         self._metrics: list[Metric] = []
         self._tasks: list[Callable[[], None]] = []
+        # Checkpoints staged for upload, by artifact name; sent when a new one arrives.
+        self._checkpoints: dict[str, Path] = {}
+        self._checkpoints_due = False
+        self._busy = False  # the worker is sending what it took from the buffers
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -122,27 +131,95 @@ class MlflowTracker:
         folder = str(Path(artifact_file).parent) if Path(artifact_file).parent.name else None
         self.log_artifact(tmp, folder)
 
+    def log_checkpoint(self, path: str | Path, name: str) -> None:
+        path = Path(path)
+        stage = None
+        try:
+            # Staged under the artifact's name beside the checkpoint: a hard link (no copy)
+            # that also keeps the data when the checkpoint manager prunes the file.
+            stage = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=path.parent))
+            try:
+                os.link(path, stage / name)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, stage / name)
+            digest = path.with_name(path.name + ".sha256").read_text().split()[0]
+            (stage / f"{name}.sha256").write_text(f"{digest}  {name}\n")
+        except OSError as exc:
+            log.warning("tracking: %s not uploaded: cannot stage it (%s)", path, exc)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            return
+        with self._lock:
+            replaced = self._checkpoints.pop(name, None)
+            self._checkpoints[name] = stage
+            self._checkpoints_due = True
+        self._wake.set()
+        if replaced is not None:  # never sent: the newer one supersedes it
+            shutil.rmtree(replaced, ignore_errors=True)
+
+    def log_model(
+        self, model: Any, name: str, *, step: int, registered_model_name: str | None = None
+    ) -> None:
+        """Pickle format: MLflow's default, ``pt2``, traces the model from a tensor input
+        example, and Diffold takes a dict batch. Requirements are given rather than inferred
+        (inference loads the model in a subprocess, ~5 s). Synchronous, after a flush, so that
+        the run's metrics at ``step`` are there to be linked to the model."""
+        import mlflow.pytorch
+
+        self.flush()
+        # Created here so that the model belongs to the run's experiment with no active
+        # (global) MLflow run. log_model resolves the store itself: MLFLOW_TRACKING_URI, else
+        # sqlite:///mlflow.db, as tracking_uri() does.
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id
+        )
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            model_id=logged.model_id,
+            run_id=self.run_id,
+            step=step,
+            serialization_format="pickle",
+            pip_requirements=_model_requirements(),
+            registered_model_name=registered_model_name,
+        )
+        registered = (
+            f", registered as {registered_model_name} version {info.registered_model_version}"
+            if registered_model_name
+            else ""
+        )
+        log.info("tracking: model logged as %s (runs:/%s/%s)%s", info.model_uri, self.run_id,
+                 name, registered)
+
     def flush(self, timeout: float = 60.0) -> None:
         """Send everything buffered so far; waits up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._metrics and not self._tasks:
-                    return
+                idle = not (self._busy or self._metrics or self._tasks or self._checkpoints_due)
+            if idle:
+                return
             self._wake.set()
             time.sleep(0.02)
         with self._lock:
-            pending = len(self._metrics), len(self._tasks)
+            pending = len(self._metrics), len(self._tasks) + len(self._checkpoints)
         log.warning("tracking: %d metric points and %d uploads still pending", *pending)
 
     def close(self, status: str = "FINISHED") -> None:
         if self._system is not None:
             self._system.finish()
             self._system = None
+        with self._lock:  # a last try for checkpoint uploads that failed
+            self._checkpoints_due = bool(self._checkpoints)
         self.flush()
         self._stop.set()
         self._wake.set()
         self._worker.join(timeout=10)
+        with self._lock:
+            unsent, self._checkpoints = self._checkpoints, {}
+        for name, stage in unsent.items():
+            log.warning("tracking: checkpoints/%s was not uploaded; it is on local disk only", name)
+            shutil.rmtree(stage, ignore_errors=True)
         self.client.set_terminated(self.run_id, status=status)
 
     # ---------------------------------------------------------------- internals
@@ -170,7 +247,12 @@ class MlflowTracker:
         while True:
             self._wake.wait(timeout=self.cfg.flush_interval_s)
             self._wake.clear()
+            with self._lock:  # set before anything leaves the buffers, so flush() waits for it
+                self._busy = True
             self._send()
+            self._upload_checkpoints()
+            with self._lock:
+                self._busy = False
             if self._stop.is_set():
                 return
 
@@ -197,6 +279,25 @@ class MlflowTracker:
                 self._tasks[:0] = tasks
             time.sleep(min(5.0, 0.2 * self._failures))
 
+    def _upload_checkpoints(self) -> None:
+        with self._lock:
+            if not self._checkpoints_due:
+                return
+            pending, self._checkpoints = self._checkpoints, {}
+            self._checkpoints_due = False
+        for name, stage in pending.items():
+            try:
+                for file in (name, f"{name}.sha256"):  # the checksum last, as on disk
+                    self.client.log_artifact(self.run_id, str(stage / file), "checkpoints")
+            except Exception as exc:  # network, server or store errors
+                log.warning("tracking: upload of checkpoints/%s failed (%s); retried at the next "
+                            "checkpoint", name, exc)
+                with self._lock:  # kept unless a newer one arrived meanwhile
+                    kept = self._checkpoints.setdefault(name, stage) is stage
+                if kept:
+                    continue
+            shutil.rmtree(stage, ignore_errors=True)
+
     def _start_system_metrics(self, *, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -211,6 +312,40 @@ class MlflowTracker:
         except Exception as exc:  # psutil/NVML unavailable: warn once, keep training
             log.warning("tracking: system metrics unavailable (%s)", exc)
             self._system = None
+
+
+def download_checkpoint(run_id: str, directory: Path) -> Path:
+    """Download run ``run_id``'s checkpoint artifacts into ``directory``: ``last.pt`` (the
+    newest) and ``best.pt`` if there is one, each with its ``.sha256`` file; the folder they
+    are in. An unknown run is a :class:`PipelineError`, a run without ``checkpoints/last.pt``
+    a :class:`CheckpointError`.
+    """
+    client = MlflowClient(tracking_uri())
+    try:
+        files = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    except MlflowException:
+        raise PipelineError(f"--run-id {run_id}: no such MLflow run at {tracking_uri()}") from None
+    if "last.pt" not in files:
+        raise CheckpointError(
+            f"--run-id {run_id}: the run has no checkpoint artifact (checkpoints/last.pt)"
+        )
+    wanted = [n for n in ("last.pt", "last.pt.sha256", "best.pt", "best.pt.sha256") if n in files]
+    local = [client.download_artifacts(run_id, f"checkpoints/{n}", str(directory)) for n in wanted]
+    return Path(local[0]).parent
+
+
+def _model_requirements() -> list[str]:
+    """pip requirements of a logged model: mlflow, torch, cloudpickle and this package."""
+    import mlflow
+    import mlflow.pytorch
+
+    requirements = [f"mlflow=={mlflow.__version__}", *mlflow.pytorch.get_default_pip_requirements()]
+    try:
+        requirements.append(f"{_DISTRIBUTION}=={importlib.metadata.version(_DISTRIBUTION)}")
+    except importlib.metadata.PackageNotFoundError:
+        log.debug("tracking: %s is not installed; not listed in the model's requirements",
+                  _DISTRIBUTION)
+    return requirements
 
 
 def _param_value(value: Any) -> str:

@@ -3,8 +3,9 @@
 Layout: ``<run_dir>/checkpoints/step-00000120.pt`` plus ``step-00000120.pt.sha256``. A
 checkpoint counts only once its checksum file exists and matches: both files are written to a
 temporary name, fsynced and renamed, the checksum last, so a kill at any moment leaves either
-the previous set of checkpoints or a complete new one. Saving snapshots tensors to host memory
-on the caller's thread (the only stall) and serialises/writes in a background thread.
+the previous set of checkpoints or a complete new one. Saving enqueues device-to-host copies
+into reused pinned buffers on the caller's thread (the only stall) and serialises/writes in a
+background thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,39 +137,91 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
     return state
 
 
-def find_latest(root: Path) -> Path | None:
-    """Newest valid ``step-*.pt`` under ``root`` (recursively), skipping invalid ones loudly."""
+def find_latest(root: Path, *, run_id: str | None = None) -> Path | None:
+    """Newest valid ``step-*.pt`` under ``root`` (recursively), skipping invalid ones loudly;
+    with ``run_id``, the newest of that MLflow run."""
     candidates = [p for p in root.glob("**/checkpoints/step-*.pt") if _STEP_FILE.match(p.name)]
     candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         problem = verify_checkpoint(path)
-        if problem is None:
+        if problem is not None:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+        elif run_id is None or read_entry(path, "run_id") == run_id:
             return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
     return None
 
 
-def snapshot(value: Any) -> Any:
-    """A host-memory copy of every tensor in a nested state (so training can go on)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
-    return value
+def read_entry(path: Path, key: str) -> Any:
+    """One entry of a checkpoint without reading its tensors (a memory-mapped load)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+
+
+class HostSnapshot:
+    """Device-to-host snapshots into pinned host buffers that are reused from save to save.
+
+    A CUDA tensor is copied with ``copy_(..., non_blocking=True)`` on the current stream, so
+    the training thread only enqueues copies: later kernels (the next optimizer step) run after
+    them on the same stream and cannot change what is copied. ``ready()`` waits for the copies;
+    the writer thread calls it before serialising. A buffer is reused only after the previous
+    write finished (the manager waits for it before the next save). CPU tensors are cloned.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._event: torch.cuda.Event | None = None
+
+    def take(self, value: Any) -> Any:
+        self._event = None
+        state = self._copy(value, ())
+        if self._event is not None:
+            self._event.record()
+        return state
+
+    def ready(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def _copy(self, value: Any, path: tuple) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            if tensor.device.type != "cuda":
+                return tensor.to("cpu", copy=True)
+            key = (path, tuple(tensor.shape), tensor.dtype)
+            buffer = self._buffers.get(key)
+            if buffer is None:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._buffers[key] = buffer
+            buffer.copy_(tensor, non_blocking=True)
+            if self._event is None:
+                self._event = torch.cuda.Event()
+            return buffer
+        if isinstance(value, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, (*path, i)) for i, v in enumerate(value))
+        return value
 
 
 class CheckpointManager:
     """Writes ``step-N.pt`` files into ``directory``, keeps the newest ``keep_last``.
 
-    ``save(..., blocking=False)`` returns after the host snapshot; the write happens in a
-    background thread (one at a time). ``wait()`` joins it; the trainer calls it before exit.
+    ``save(..., blocking=False)`` returns once the device-to-host copies are enqueued
+    (:class:`HostSnapshot`); the write happens in a background thread (one at a time). ``wait()`` joins it; the trainer calls it before exit.
+    ``on_written(path)`` runs where the write ran, once the checkpoint and its checksum are
+    complete (the trainer hands it to the tracker for upload).
     """
 
-    def __init__(self, directory: Path, *, keep_last: int = 2):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        keep_last: int = 2,
+        on_written: Callable[[Path], None] | None = None,
+    ):
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.on_written = on_written
+        self._snapshot = HostSnapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_path: Path | None = None
@@ -176,8 +230,8 @@ class CheckpointManager:
         self, state: dict, step: int, *, blocking: bool = False, name: str | None = None
     ) -> Path:
         """Write ``step-N.pt`` (or ``name``, e.g. ``best.pt``, which is never pruned)."""
-        self.wait()
-        state = snapshot({**state, "format_version": FORMAT_VERSION})
+        self.wait()  # also frees the host buffers of the previous snapshot for reuse
+        state = self._snapshot.take({**state, "format_version": FORMAT_VERSION})
         path = self.directory / (name or f"step-{step:08d}.pt")
         if name is None:
             self.last_path = path
@@ -200,8 +254,11 @@ class CheckpointManager:
 
     def _write(self, path: Path, state: dict) -> None:
         try:
+            self._snapshot.ready()
             write_checkpoint(path, state)
             self._prune()
+            if self.on_written is not None:
+                self.on_written(path)
         except BaseException as exc:  # surfaced to the training thread by wait()
             self._error = exc
 

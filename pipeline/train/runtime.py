@@ -14,7 +14,9 @@ import math
 import os
 import random
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,10 @@ import torch
 from pipeline.config.loader import flatten, model_hash, to_dict, to_yaml
 from pipeline.config.schema import Config
 from pipeline.data import build_datasets, build_train_loader, build_val_batches
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import build_model
 from pipeline.tracking import Tracker, build_tracker
+from pipeline.train.checkpoint import find_latest, read_entry, verify_checkpoint
 from pipeline.train.optim import build_optimizer
 from pipeline.train.schedule import build_scheduler, warmup_steps
 
@@ -134,7 +137,11 @@ def build_components(cfg: Config, ctx: Runtime) -> Components:
     if cfg.trainer.max_steps is not None:
         total_steps = min(total_steps, cfg.trainer.max_steps)
     scheduler = build_scheduler(
-        cfg.scheduler, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        cfg.scheduler,
+        optimizer,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        mode=cfg.trainer.early_stopping.mode,
     )
     scaler = torch.amp.GradScaler("cuda") if ctx.precision == "fp16" else None
     return Components(
@@ -187,8 +194,9 @@ def rescale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, ratio: float) -
     """Scale a restored schedule by ``ratio`` (a changed ``optim.lr`` on resume).
 
     torch's schedulers restore their own base LRs from the checkpoint, so a new peak LR would
-    otherwise be ignored silently. Scaling the current, initial and base LRs and the cosine
-    floors keeps the schedule's position (no second warmup) and the optimizer's moments.
+    otherwise be ignored silently. Scaling the current, initial and base LRs and the cosine and
+    plateau floors keeps the schedule's position (no second warmup, the plateau's reductions and
+    its count of validations without improvement) and the optimizer's moments.
     """
     for group in optimizer.param_groups:
         group["lr"] *= ratio
@@ -201,6 +209,10 @@ def rescale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, ratio: float) -
             sched._last_lr = [lr * ratio for lr in sched._last_lr]
         if hasattr(sched, "eta_min"):
             sched.eta_min *= ratio
+        if hasattr(sched, "min_lrs"):  # ReduceLROnPlateau
+            sched.min_lrs = [lr * ratio for lr in sched.min_lrs]
+            if getattr(sched, "default_min_lr", None) is not None:
+                sched.default_min_lr *= ratio
 
 
 def free_memory(device: torch.device) -> None:
@@ -219,6 +231,54 @@ def new_run_dir(cfg: Config, ctx: Runtime) -> Path:
         path = Path(cfg.output_dir) / "runs" / f"{stamp}-{secrets.token_hex(3)}"
         path.mkdir(parents=True, exist_ok=True)
     return Path(broadcast_object(str(path) if path else None, ctx))
+
+
+def run_checkpoint(cfg: Config, run_id: str) -> Path:
+    """The checkpoint to continue MLflow run ``run_id`` from.
+
+    The newest valid checkpoint of that run under ``output_dir``; else (another machine) the
+    run's ``checkpoints/last.pt`` artifact, downloaded, checked against its checksum and put
+    where a local one would be: ``<output_dir>/runs/<the run directory's name>/checkpoints/
+    step-N.pt``, with the run's ``best.pt`` beside it.
+    """
+    from pipeline.tracking.mlflow_tracker import download_checkpoint
+
+    root = Path(cfg.output_dir)
+    local = find_latest(root, run_id=run_id)
+    if local is not None:
+        return local
+    log.info("run %s: no checkpoint of it under %s; downloading its last checkpoint", run_id, root)
+    root.mkdir(parents=True, exist_ok=True)
+    download = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    try:
+        folder = download_checkpoint(run_id, download)
+        problem = verify_checkpoint(folder / "last.pt")
+        if problem is not None:
+            raise CheckpointError(f"--run-id {run_id}: checkpoints/last.pt: {problem}")
+        step, run_dir = (read_entry(folder / "last.pt", k) for k in ("step", "run_dir"))
+        checkpoints = root / "runs" / Path(run_dir).name / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        target = checkpoints / f"step-{step:08d}.pt"
+        _install_checkpoint(folder / "last.pt", target)
+        best = folder / "best.pt"
+        if best.is_file():
+            problem = verify_checkpoint(best)
+            if problem is None:
+                _install_checkpoint(best, checkpoints / "best.pt")
+            else:
+                log.warning("run %s: checkpoints/best.pt not used: %s", run_id, problem)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return target
+
+
+def _install_checkpoint(source: Path, target: Path) -> None:
+    """Move a verified checkpoint to ``target``, then its checksum file (renamed inside)."""
+    sidecar = source.with_name(source.name + ".sha256")
+    digest = sidecar.read_text().split()[0]
+    os.replace(source, target)
+    sidecar.write_text(f"{digest}  {target.name}\n")
+    os.replace(sidecar, target.with_name(target.name + ".sha256"))
 
 
 def run_name(cfg: Config) -> str:
@@ -291,13 +351,8 @@ def write_health_report(tracker: Tracker, run_dir: Path, report: dict, markdown:
     tracker.log_text(markdown, "health/report.md")
 
 
-def log_final_artifacts(tracker: Tracker, cfg: Config, checkpoints, history: dict) -> None:
-    """Last and best checkpoints, and the training-curve plot."""
-    if cfg.tracking.log_checkpoints:
-        for path in (checkpoints.last_path, checkpoints.directory / "best.pt"):
-            if path is not None and Path(path).is_file():
-                tracker.log_artifact(path, "checkpoints")
-                tracker.log_artifact(Path(str(path) + ".sha256"), "checkpoints")
+def log_training_plot(tracker: Tracker, history: dict) -> None:
+    """The training-curve plot (checkpoints are uploaded as they are written)."""
     figure = plot_history(history)
     if figure is not None:
         tracker.log_figure(figure, "plots/training.png")

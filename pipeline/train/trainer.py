@@ -22,11 +22,13 @@ import torch
 from pipeline.config.loader import model_hash, to_dict
 from pipeline.config.schema import Config
 from pipeline.errors import CheckpointError, PipelineError
+from pipeline.model import build_model
 from pipeline.monitor.health import HealthMonitor, report_markdown
 from pipeline.monitor.perf import StepTimer, memory_metrics
 from pipeline.train import runtime
 from pipeline.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from pipeline.train.faults import FaultInjector
+from pipeline.train.schedule import WarmupPlateau
 from pipeline.train.validate import Validator
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def train(
     *,
     resume: str | None = None,
     run_id: str | None = None,
+    continue_run: str | None = None,
     parent_run_id: str | None = None,
     on_validation: ValidationCallback | None = None,
     extra_tags: dict[str, Any] | None = None,
@@ -73,16 +76,19 @@ def train(
     """Train a Diffold model as ``config`` says; the CLI, the tuner and the tests call this.
 
     ``resume`` is ``"auto"`` (newest valid checkpoint under ``output_dir``), a checkpoint path,
-    or ``None`` (fresh run). ``run_id`` continues an existing MLflow run (``mlflow run`` sets
+    or ``None`` (fresh run). ``run_id`` logs into an existing MLflow run (``mlflow run`` sets
     ``MLFLOW_RUN_ID``); ``parent_run_id`` makes the run a child (a tuning trial).
+    ``continue_run`` (``train --run-id``) continues that MLflow run from its newest checkpoint:
+    a local one under ``output_dir``, else its uploaded ``checkpoints/last.pt`` (a run moved to
+    another machine); with ``resume`` a path, from that checkpoint.
     """
     ctx = runtime.setup(config)
-    checkpoint = _find_resume_checkpoint(config, resume)
+    checkpoint = _find_resume_checkpoint(config, resume, continue_run=continue_run, ctx=ctx)
     trainer = Trainer(
         config,
         ctx,
         checkpoint=checkpoint,
-        run_id=run_id,
+        run_id=continue_run or run_id,
         parent_run_id=parent_run_id,
         on_validation=on_validation,
         extra_tags=extra_tags or {},
@@ -93,12 +99,18 @@ def train(
         runtime.teardown(ctx)
 
 
-def _find_resume_checkpoint(config: Config, resume: str | None) -> dict | None:
-    if resume is None:
-        return None
+def _find_resume_checkpoint(
+    config: Config, resume: str | None, *, continue_run: str | None, ctx: runtime.Runtime
+) -> dict | None:
     from pipeline.train.checkpoint import find_latest
 
-    if resume == "auto":
+    if continue_run is not None and resume in (None, "auto"):
+        # Rank 0 alone looks (and downloads); every rank loads what it found.
+        found = str(runtime.run_checkpoint(config, continue_run)) if ctx.rank == 0 else None
+        path = Path(runtime.broadcast_object(found, ctx))
+    elif resume is None:
+        return None
+    elif resume == "auto":
         path = find_latest(Path(config.output_dir))
         if path is None:
             log.info("--resume auto: no valid checkpoint under %s; starting fresh", config.output_dir)
@@ -113,6 +125,10 @@ def _find_resume_checkpoint(config: Config, resume: str | None) -> dict | None:
         )
     log.info("resuming from %s (step %d)", path, state["step"])
     state["path"] = str(path)
+    if path.parent.name == "checkpoints":
+        # The run directory is where the checkpoint now is (moved, or downloaded to another
+        # machine), not where it was written.
+        state["run_dir"] = str(path.parent.parent)
     return state
 
 
@@ -170,9 +186,13 @@ class Trainer:
         else:
             run_dir = runtime.new_run_dir(cfg, ctx)
         self.run_dir = run_dir
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
         self.tracker = runtime.build_run_tracker(
             cfg, ctx, run_id=run_id, parent_run_id=parent_run_id, extra_tags=extra_tags
+        )
+        self.checkpoints = CheckpointManager(
+            run_dir / "checkpoints",
+            keep_last=cfg.trainer.keep_last,
+            on_written=self._upload_checkpoint if cfg.tracking.log_checkpoints else None,
         )
         self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
         if checkpoint is None and ctx.rank == 0:
@@ -200,6 +220,7 @@ class Trainer:
             raise
         except BaseException as exc:
             self._save_on_failure(exc)
+            self._tag_error(exc)
             raise
         finally:
             self._close_tracker(status)
@@ -298,8 +319,11 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.step)
         self._remember(metrics)
         es = self.cfg.trainer.early_stopping
-        value = metrics.get(es.metric)
+        # Every rank follows rank 0's validation, so that a plateau schedule's LR agrees.
+        value = runtime.broadcast_object(metrics.get(es.metric), self.ctx)
         if value is not None:
+            if isinstance(self.scheduler, WarmupPlateau):
+                self.scheduler.observe(value)
             better = self.best_metric is None or (
                 value > self.best_metric + es.min_delta
                 if es.mode == "max"
@@ -561,7 +585,9 @@ class Trainer:
             step=self.step,
         )
         self._log_health_report()
-        runtime.log_final_artifacts(self.tracker, self.cfg, self.checkpoints, self.history)
+        runtime.log_training_plot(self.tracker, self.history)
+        if self._stop_reason != "pruned":
+            self._log_model()
         status = self._stop_reason or "finished"
         self.tracker.set_tags({"status": status, "health": self.health.overall_status})
         return TrainResult(
@@ -577,6 +603,24 @@ class Trainer:
             run_dir=str(self.run_dir),
         )
 
+    def _log_model(self) -> None:
+        """The best weights (``best.pt``, else the final ones) as the run's model ``model``."""
+        if self.ctx.rank != 0 or self.tracker.run_id is None:
+            return
+        model = build_model(self.cfg.model)  # on the CPU, so that it loads anywhere
+        best = self.checkpoints.directory / "best.pt"
+        if best.is_file():
+            state = load_checkpoint(best)
+            model.load_state_dict(state["model"])
+            step = state["step"]
+        else:
+            model.load_state_dict(self.model.state_dict())
+            step = self.step
+        self.tracker.log_model(
+            model.eval(), "model", step=step,
+            registered_model_name=self.cfg.tracking.register_model,
+        )
+
     def _expected_last_path(self) -> Path:
         return self.checkpoints.directory / f"step-{self.step:08d}.pt"
 
@@ -587,6 +631,17 @@ class Trainer:
         report["recovery"] = dict(self.counts)
         report["slow_steps"] = self.timer.slow_steps[-20:]
         runtime.write_health_report(self.tracker, self.run_dir, report, report_markdown(report))
+
+    def _upload_checkpoint(self, path: Path) -> None:
+        """Called where the checkpoint was written, once it and its checksum are complete."""
+        self.tracker.log_checkpoint(path, "best.pt" if path.name == "best.pt" else "last.pt")
+
+    def _tag_error(self, exc: BaseException) -> None:
+        """Tag the run ``error`` = ``<type>: <first line of the message>`` (500 characters)."""
+        try:
+            self.tracker.set_tags({"error": error_tag(exc)})
+        except Exception as tag_error:  # the tracker's failure must not hide the run's
+            log.warning("could not tag the run with its error: %s", tag_error)
 
     def _close_tracker(self, status: str) -> None:
         if status == "FINISHED" and self._stop_reason == "pruned":
@@ -613,6 +668,13 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def error_tag(exc: BaseException) -> str:
+    """``<ExceptionType>: <first line of its message>``, at most 500 characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text[:500]
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:

@@ -300,3 +300,24 @@ def test_synthetic_source_and_its_disk_cache(tmp_path: Path, monkeypatch):
         assert np.array_equal(again.train.source.get(i).coords, splits.train.source.get(i).coords)
     with pytest.raises(AssertionError, match="regenerated"):  # another seed is another key
         build_datasets(cfg, seed=3, cache_dir=tmp_path, cache="disk")
+
+
+def test_generated_synthetic_set_is_kept_on_disk_unless_cache_is_none(tmp_path: Path, monkeypatch):
+    cfg = DataConfig(n_train=4, n_val=2, min_length=20, max_length=30, crop_length=24)
+    first = build_datasets(cfg, seed=5, cache_dir=tmp_path / "m", cache="memory")
+    calls = []
+    real = ds.generate_synthetic
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("split"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ds, "generate_synthetic", counting)
+    again = build_datasets(cfg, seed=5, cache_dir=tmp_path / "m", cache="memory")
+    assert calls == []  # both splits came from <cache_dir>/features
+    for i in range(4):
+        assert np.array_equal(again.train.source.get(i).coords, first.train.source.get(i).coords)
+    build_datasets(cfg, seed=5, cache_dir=tmp_path / "n", cache="none")
+    build_datasets(cfg, seed=5, cache_dir=tmp_path / "n", cache="none")
+    assert calls == ["train", "val", "train", "val"]  # 'none' keeps nothing
+    assert not (tmp_path / "n").exists()

@@ -105,6 +105,10 @@ def test_pruned_trial_is_killed_resume_adds_trials_and_best_config_trains(workdi
     assert parent_again.info.run_id == parent.info.run_id
     assert len(_runs(parent=parent.info.run_id)) == 3
 
+    # The trials shared one data cache (the synthetic set was generated once).
+    assert (out / "cache" / "features").is_dir()
+    assert not list(out.glob("tune/s/trial-*/cache"))
+
     best = out / "tune" / "s" / "best_config.yaml"
     assert yaml.safe_load(best.read_text())["optim"]["lr"] == 0.003
     assert main(["train", "--config", str(best), "--set", "trainer.epochs=1",

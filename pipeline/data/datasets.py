@@ -414,7 +414,11 @@ def build_datasets(
         raise ConfigError("loader.cache: 'disk' needs a cache directory (data.cache_dir)")
     disk = DiskCache(Path(directory) / "features") if cache == "disk" else None
     if cfg.source == "synthetic":
-        return _build_synthetic(cfg, seed=seed, disk=disk)
+        # A generated set is cheap to keep and costly to remake (tens of seconds for a few
+        # hundred structures): kept on disk whenever there is a directory, unless cache 'none'.
+        keep = cache != "none" and directory is not None
+        return _build_synthetic(cfg, seed=seed, disk=DiskCache(Path(directory) / "features")
+                                if keep else None)
     return _build_files(cfg, seed=seed, cache=cache, disk=disk)
 
 

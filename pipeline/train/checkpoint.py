@@ -11,7 +11,6 @@ background thread.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import random
@@ -84,7 +83,11 @@ def _fsync_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -92,14 +95,25 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 
 def write_checkpoint(path: Path, state: dict) -> None:
-    """Serialise ``state`` to ``path`` atomically, then its checksum file."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
+    """Serialise ``state`` to ``path`` atomically, then its checksum file.
+
+    ``torch.save`` writes straight to a temporary file and the checksum is computed by reading
+    it back in chunks: no in-memory copies of the whole checkpoint, and less time holding the
+    GIL in the writer thread (which slows the training thread beside it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    _fsync_write(path, data)
-    digest = hashlib.sha256(data).hexdigest()
-    _fsync_write(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            digest.update(chunk)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    _fsync_write(
+        path.with_name(path.name + ".sha256"), f"{digest.hexdigest()}  {path.name}\n".encode()
+    )
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -93,6 +93,10 @@ class TuneConfig:
     sampler: Literal["tpe", "random"] = spec("tpe", help="Optuna sampler")
     pruner: Literal["median", "hyperband", "none"] = spec("median", help="Optuna pruner")
     n_startup_trials: int = spec(2, ge=0, help="trials completed before pruning starts")
+    min_resource_samples: int | None = spec(
+        None, ge=1, help="hyperband: samples seen before a first cut (default: one validation "
+        "interval of the synthetic set, data.n_train x trainer.eval_every_epochs)"
+    )
     n_trials: int = spec(20, ge=1, help="trials when --n-trials is not given")
     heartbeat_interval_s: int = spec(
         30, ge=1, help="database storages: seconds between a running trial's heartbeats"
@@ -170,6 +174,8 @@ def trial_config(
         data = merge(data, nested(key, value))
     if tune is not None and tune.time_budget_minutes is not None:
         data = merge(data, nested("trainer.time_limit_minutes", tune.time_budget_minutes))
+    if base.data.cache_dir is None:  # trials share the data cache (e.g. the synthetic set)
+        data = merge(data, nested("data.cache_dir", str(Path(base.output_dir) / "cache")))
     data["output_dir"] = str(output_dir)
     return from_dict(data)
 
@@ -181,12 +187,17 @@ def _sampler(tune: TuneConfig, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(tune.n_startup_trials, 1))
 
 
-def _pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+def _pruner(tune: TuneConfig, base: Config) -> optuna.pruners.BasePruner:
     if tune.objective == "pareto" or tune.pruner == "none":
         return optuna.pruners.NopPruner()
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.n_startup_trials)
-    return optuna.pruners.HyperbandPruner()
+    # Reports are on the samples-seen axis: Hyperband's rungs must be in samples too, else its
+    # first rungs (1, 3, 9, ... samples) all pass at the first report.
+    min_samples = tune.min_resource_samples
+    if min_samples is None and base.data.source == "synthetic":
+        min_samples = base.data.n_train * base.trainer.eval_every_epochs
+    return optuna.pruners.HyperbandPruner(min_resource=min_samples or 1)
 
 
 class _WorkerLost:
@@ -212,7 +223,7 @@ class _WorkerLost:
 
 
 def _open_study(
-    tune: TuneConfig, url: str | None, root: Path, name: str, seed: int | None, tracking: bool
+    tune: TuneConfig, base: Config, url: str | None, root: Path, name: str, seed: int | None
 ) -> optuna.Study:
     try:
         if url:
@@ -222,7 +233,7 @@ def _open_study(
                     url,
                     heartbeat_interval=tune.heartbeat_interval_s,
                     grace_period=tune.grace_period_s,
-                    heartbeat_stale_trial_callback=_WorkerLost(tune, tracking),
+                    heartbeat_stale_trial_callback=_WorkerLost(tune, base.tracking.enabled),
                 )
         else:
             from optuna.storages import JournalStorage
@@ -235,7 +246,7 @@ def _open_study(
             study_name=name,
             storage=storage,
             sampler=_sampler(tune, seed),
-            pruner=_pruner(tune),
+            pruner=_pruner(tune, base),
             directions=directions,
             load_if_exists=True,
         )
@@ -357,7 +368,7 @@ def run_study(
     root = Path(base.output_dir) / "tune" / study_name
     # Workers sharing a study draw their own suggestions (the same seed would repeat them).
     seed = base.seed + os.getpid() if join or worker else base.seed
-    study = _open_study(tune, storage, root, study_name, seed, base.tracking.enabled)
+    study = _open_study(tune, base, storage, root, study_name, seed)
 
     if join or worker:
         target = (

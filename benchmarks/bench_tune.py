@@ -1,0 +1,280 @@
+"""Tuning: what pruning buys, and what the prefetch factor does to throughput.
+
+``study`` runs one Optuna study through the pipeline's own ``run_study`` on the synthetic set
+with a seeded *random* sampler: its proposals do not depend on earlier results, so a study with
+``--pruner median`` and one with ``--pruner none`` and the same seed evaluate the same parameter
+sets in the same order, and differ only in the trials the pruner stops. Each study writes the
+trials' values and wall times (one GPU, so wall time is GPU time) to ``OUT/study-<pruner>.json``.
+
+``prefetch`` trains the same config with ``loader.prefetch_factor`` 1, 2, 4, 8 (interleaved,
+``--repeats`` times) and reports the median step time, data wait and samples/s of each.
+
+``report`` turns the JSON files into the markdown tables of docs/benchmarks.md.
+
+    python benchmarks/bench_tune.py study --pruner none --n-trials 12 --out OUT
+    python benchmarks/bench_tune.py study --pruner median --n-trials 12 --out OUT
+    python benchmarks/bench_tune.py prefetch --repeats 2 --out OUT
+    python benchmarks/bench_tune.py replay --out OUT     # pruners on the recorded curves
+    python benchmarks/bench_tune.py report --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+# Each trial: small_model on 256 synthetic structures (crop 64) for 6 epochs, validated after
+# every epoch on 16 structures (sampler 20 steps).
+TRIAL = [
+    "data.n_train=256",
+    "data.n_val=16",
+    "trainer.epochs=6",
+    "trainer.eval_every_epochs=1",
+    "trainer.val_max_structures=16",
+    "trainer.val_sampler_steps=20",
+    "trainer.checkpoint_every_steps=100000",
+    "tracking.system_metrics=false",
+]
+SPACE = {
+    "optim.lr": {"type": "float", "low": 2.0e-4, "high": 5.0e-3, "log": True},
+    "scheduler.warmup_epochs": {"type": "float", "low": 0.0, "high": 3.0},
+    "trainer.accumulation_steps": {"type": "categorical", "choices": [1, 2, 4, 8]},
+    "loader.prefetch_factor": {"type": "int", "low": 1, "high": 8},
+}
+
+
+def study(args) -> None:
+    import optuna
+
+    from pipeline.config.loader import load_config
+    from pipeline.tune.study import run_study
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tune_file = out / f"tune-{args.pruner}.yaml"
+    tune_file.write_text(yaml.safe_dump({
+        "sampler": "random", "pruner": args.pruner, "n_startup_trials": args.startup,
+        "search_space": SPACE,
+    }))
+    work = Path(tempfile.mkdtemp(prefix=f"tune-{args.pruner}-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    base = load_config(scenario="balanced", preset="small_model",
+                       overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
+    started = time.monotonic()
+    summary = run_study(base, tune_config=tune_file, n_trials=args.n_trials,
+                        study_name=f"bench-{args.pruner}")
+    total = time.monotonic() - started
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(work / "tune" / f"bench-{args.pruner}" / "optuna-journal.log")))
+    trials = optuna.load_study(study_name=f"bench-{args.pruner}", storage=storage).trials
+    import mlflow
+
+    client = mlflow.MlflowClient()
+
+    def curve(t):
+        """(samples seen, seconds since the trial started, val/lddt) at each validation."""
+        run_id = t.user_attrs.get("run_id")
+        if run_id is None:
+            return []
+        start = t.datetime_start.timestamp()
+        history = client.get_metric_history(run_id, "val/lddt")
+        per_step = {m.step: m for m in history}
+        samples = sorted(t.intermediate_values)
+        return [[s, per_step[k].timestamp / 1000 - start, per_step[k].value]
+                for s, k in zip(samples, sorted(per_step))]
+
+    rows = [
+        {
+            "trial": t.number,
+            "curve": curve(t),
+            "state": t.state.name,
+            "value": t.value,
+            "last_reported": t.intermediate_values.get(max(t.intermediate_values, default=-1)),
+            "samples_seen": t.user_attrs.get("samples_seen"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+            "params": t.params,
+        }
+        for t in trials
+    ]
+    result = {"pruner": args.pruner, "seed": args.seed, "n_trials": args.n_trials,
+              "study_wall_s": total, "summary": summary, "trials": rows}
+    (out / f"study-{args.pruner}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=1))
+    for row in rows:
+        print(row)
+
+
+def prefetch(args) -> None:
+    import torch
+
+    from pipeline.config.loader import load_config
+    from pipeline.train import runtime
+    from pipeline.train.trainer import Trainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[int, list[dict]] = {}
+    cache = Path(tempfile.mkdtemp(prefix="prefetch-cache-"))  # the synthetic set, made once
+    for repeat in range(args.repeats):
+        for factor in args.factors:
+            work = Path(tempfile.mkdtemp(prefix=f"prefetch-{factor}-"))
+            cfg = load_config(scenario="balanced", preset="small_model", overrides=[
+                f"output_dir={work}", "tracking.enabled=false", "health.enabled=true",
+                f"trainer.max_steps={args.steps}", "trainer.epochs=1000",
+                "trainer.eval_every_epochs=1000", "trainer.checkpoint_every_steps=100000",
+                "data.n_train=512", f"data.cache_dir={cache}", "monitor.window=100000",
+                f"loader.prefetch_factor={factor}", *args.set,
+            ])
+            ctx = runtime.setup(cfg)
+            trainer = Trainer(cfg, ctx, checkpoint=None, run_id=None, parent_run_id=None,
+                              on_validation=None, extra_tags={})
+            waits = []
+            original = trainer.timer.observe
+
+            def observe(step, *, step_s, data_wait_s, _orig=original, _waits=waits):
+                _waits.append(data_wait_s)
+                return _orig(step, step_s=step_s, data_wait_s=data_wait_s)
+
+            trainer.timer.observe = observe
+            trainer.fit()
+            runtime.teardown(ctx)
+            steps = list(trainer.timer.step_times)[args.warmup:]
+            wait = waits[args.warmup:]
+            batch = cfg.trainer.micro_batch_size * cfg.trainer.accumulation_steps
+            row = {
+                "repeat": repeat,
+                "median_step_ms": 1000 * statistics.median(steps),
+                "median_data_wait_ms": 1000 * statistics.median(wait),
+                "data_wait_share": sum(wait) / sum(steps),
+                "samples_per_s": batch / statistics.median(steps),
+            }
+            results.setdefault(factor, []).append(row)
+            print(factor, row, flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    (out / "prefetch.json").write_text(json.dumps(results, indent=1))
+
+
+def replay(args) -> None:
+    """Pruners replayed on the recorded curves of an unpruned study.
+
+    With the random sampler, a pruned study proposes the same parameter sets in the same
+    order; a pruner's decision depends only on the intermediate values reported so far. So
+    feeding each recorded curve, trial by trial, to a fresh Optuna study with the pruner gives
+    the decisions the pruned study would take, and the recorded time of each validation gives
+    what the trial would have cost (plus its measured end-of-trial overhead).
+    """
+    import optuna
+
+    out = Path(args.out)
+    result = json.loads((out / "study-none.json").read_text())
+    trials = [r for r in result["trials"] if r["state"] == "COMPLETE" and r["curve"]]
+    full_best = max(r["value"] for r in trials)
+    full_time = sum(r["seconds"] for r in trials)
+    pruners = {
+        "none": optuna.pruners.NopPruner(),
+        "median": optuna.pruners.MedianPruner(n_startup_trials=args.startup),
+        "hyperband": optuna.pruners.HyperbandPruner(min_resource=args.min_resource),
+    }
+    rows = {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name, pruner in pruners.items():
+        study = optuna.create_study(direction="maximize", pruner=pruner,
+                                    study_name=f"replay-{name}")
+        spent, best, reached_at, pruned = 0.0, None, None, 0
+        for r in trials:
+            trial = study.ask()
+            end_overhead = r["seconds"] - r["curve"][-1][1]
+            cost = r["seconds"]
+            for samples, at, value in r["curve"]:
+                trial.report(value, samples)
+                if trial.should_prune():
+                    cost = at + end_overhead
+                    break
+            if cost < r["seconds"]:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                pruned += 1
+            else:
+                study.tell(trial, r["value"])
+                best = r["value"] if best is None else max(best, r["value"])
+            spent += cost
+            if reached_at is None and best is not None and best >= 0.99 * full_best:
+                reached_at = spent
+        rows[name] = {"pruned": pruned, "best": best, "gpu_s": spent,
+                      "time_share": spent / full_time, "reached_99pct_at_s": reached_at}
+        print(name, rows[name])
+    (out / "replay.json").write_text(json.dumps(rows, indent=1))
+
+
+def report(args) -> None:
+    out = Path(args.out)
+    studies = {p: json.loads((out / f"study-{p}.json").read_text())
+               for p in ("none", "median") if (out / f"study-{p}.json").exists()}
+    for name, result in studies.items():
+        print(f"\n### pruner {name}: {result['study_wall_s']:.0f} s for the study\n")
+        print("| trial | state | val/lddt | samples seen | seconds | lr | warmup ep | accum | prefetch |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in result["trials"]:
+            p = r["params"]
+            value = r["value"] if r["value"] is not None else r["last_reported"]
+            print(f"| {r['trial']} | {r['state']} | {value:.4f} | {r['samples_seen']} | "
+                  f"{r['seconds']:.1f} | {p['optim.lr']:.2e} | {p['scheduler.warmup_epochs']:.2f} | "
+                  f"{p['trainer.accumulation_steps']} | {p['loader.prefetch_factor']} |")
+    if len(studies) == 2:
+        full, pruned = studies["none"], studies["median"]
+
+        def best_and_time(result):
+            done = [r for r in result["trials"] if r["state"] == "COMPLETE"]
+            return max(r["value"] for r in done), sum(r["seconds"] for r in result["trials"])
+
+        (b_full, t_full), (b_pruned, t_pruned) = best_and_time(full), best_and_time(pruned)
+        print(f"\nbest without pruning {b_full:.4f} in {t_full:.0f} s of trials; with pruning "
+              f"{b_pruned:.4f} in {t_pruned:.0f} s: {100 * (b_full - b_pruned) / b_full:.2f}% "
+              f"below, {100 * t_pruned / t_full:.0f}% of the time")
+    if (out / "prefetch.json").exists():
+        results = json.loads((out / "prefetch.json").read_text())
+        print("\n| prefetch factor | median step (ms) | median data wait (ms) | data wait share | samples/s |")
+        print("|---|---|---|---|---|")
+        for factor, rows in results.items():
+            med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "repeat"}
+            print(f"| {factor} | {med['median_step_ms']:.1f} | {med['median_data_wait_ms']:.2f} | "
+                  f"{100 * med['data_wait_share']:.1f}% | {med['samples_per_s']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("study")
+    p.add_argument("--pruner", choices=["none", "median", "hyperband"], default="median")
+    p.add_argument("--n-trials", type=int, default=12)
+    p.add_argument("--startup", type=int, default=3, help="trials before pruning starts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("prefetch")
+    p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("replay")
+    p.add_argument("--startup", type=int, default=3, help="median: trials before pruning")
+    p.add_argument("--min-resource", type=int, default=256,
+                   help="hyperband: samples before the first cut (one epoch)")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    {"study": study, "prefetch": prefetch, "replay": replay, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -215,3 +217,81 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     a, b = final(tmp_path / "clean"), final(tmp_path / "killed")
     assert a["step"] == b["step"] == total
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+ROLLBACK = ["recovery.non_finite=rollback", "recovery.max_consecutive_non_finite=2",
+            "trainer.checkpoint_every_steps=2"]
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) in the order logged (a rollback logs some steps twice)."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return [(m.step, m.value) for m in points]
+
+
+def test_nan_streak_rolls_back_once_at_half_the_lr_and_finishes(tmp_path, caplog):
+    """NaN at steps 3 and 4 (after the checkpoint of step 2): one rollback to step 2, the
+    re-run steps at half the LR the schedule gave them, then the run finishes."""
+    caplog.set_level("WARNING", logger="pipeline.train.trainer")
+    result = train(_config(tmp_path, *ROLLBACK, "faults.nan_loss_at_steps=[3,4]",
+                           "trainer.deterministic=true"))
+    assert result.status == "finished" and result.step == 8 and result.samples_seen == 32
+    state = load_checkpoint(result.checkpoint)
+    assert state["counts"]["rollbacks"] == 1 and state["counts"]["non_finite_skipped"] == 2
+    assert state["lr_scale"] == 0.5
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    client = mlflow.MlflowClient()
+    lrs = _history(client, result.run_id, "train/lr")
+    assert [s for s, _ in lrs] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
+    first, rerun = dict(lrs[2:4]), dict(lrs[4:6])
+    assert rerun[3] == pytest.approx(0.5 * first[3]) and rerun[4] == pytest.approx(0.5 * first[4])
+    losses = [v for _, v in _history(client, result.run_id, "train/loss")]
+    assert [math.isnan(v) for v in losses] == [False, False, True, True] + [False] * 6
+    # The loss terms (the injected NaN multiplies only the total) of step 3 before and after
+    # the rollback: same weights, batch and noise, so the checkpoint's weights, data position
+    # and RNG state were all restored.
+    term = _history(client, result.run_id, "train/loss/diffusion")
+    assert term[2][0] == term[4][0] == 3 and term[4][1] == pytest.approx(term[2][1], rel=1e-6)
+    assert client.get_run(result.run_id).data.metrics["recovery/rollbacks"] == 1
+    (warning,) = [r.getMessage() for r in caplog.records if "rollback 1:" in r.getMessage()]
+    assert "restored the checkpoint of step 2" in warning
+    assert f"lr now {rerun[3]:.3g}" in warning
+    report = json.loads(next((tmp_path / "out").glob("runs/*/health/report.json")).read_text())
+    assert report["anomalies"]["non_finite"] == [3, 4] and report["anomalies"]["rollback"] == [4]
+
+
+def test_persistent_nan_stops_after_two_rollbacks_with_exit_code_1(tmp_path, capsys):
+    """NaN in every step from 3 on, re-runs included: two rollbacks to step 2 do not help, the
+    third streak stops the run (exit 1, one error line, a report that says why)."""
+    from pipeline.cli import main
+
+    sets = [*TINY, *ROLLBACK, "faults.nan_loss_from_step=3", f"output_dir={tmp_path / 'out'}"]
+    assert main(["train", "--scenario", "debug", *[a for s in sets for a in ("--set", s)]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: training stopped at step 4: 2 non-finite update(s) in a row "
+        "(recovery.non_finite=rollback) after 2 rollback(s) that did not get past step 4 "
+        "(recovery.max_rollbacks=2; LR now x0.25 of the schedule); see health/report.md"
+    )
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("diffold").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["recovery/rollbacks"] == 2
+    run_dir = next((tmp_path / "out").glob("runs/*"))
+    report = json.loads((run_dir / "health" / "report.json").read_text())
+    assert report["stopped"] == err[-1].removeprefix("error: ")
+    assert report["recovery"]["rollbacks"] == 2 and report["recovery"]["non_finite_skipped"] == 6
+    assert report["anomalies"]["rollback"] == [4, 4]
+    assert report["checks"]["non_finite"]["status"] == "critical"
+    markdown = (run_dir / "health" / "report.md").read_text()
+    assert "**Run stopped:** training stopped at step 4" in markdown
+    assert "| rollback | 4, 4 |" in markdown
+    assert (run_dir / "plots" / "health.png").is_file()
+    # No checkpoint was written during the streaks: the newest is still the good one.
+    assert load_checkpoint(find_latest(tmp_path / "out"))["step"] == 2
+
+
+def test_rollback_before_the_first_checkpoint_stops_with_a_clear_message(tmp_path):
+    config = _config(tmp_path, "tracking.enabled=false", *ROLLBACK, "faults.nan_loss_from_step=1")
+    with pytest.raises(NonFiniteStop, match="no checkpoint to roll back to yet"):
+        train(config)

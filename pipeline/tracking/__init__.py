@@ -22,7 +22,11 @@ class TrackingConfig:
     flush_interval_s: float = spec(
         2.0, gt=0, help="seconds between batched sends of buffered metrics (background thread)"
     )
-    system_metrics: bool = spec(True, help="MLflow's system/* sampler (CPU, RAM, GPU via NVML)")
+    system_metrics: bool = spec(
+        True,
+        help="MLflow's system/* sampler (CPU, RAM, GPU via NVML), plus GPU temperature, SM clock "
+        "and throttle reasons",
+    )
     system_interval_s: float = spec(10.0, gt=0, help="seconds between system/* samples")
     log_checkpoints: bool = spec(
         True, help="upload each checkpoint (as last.pt) and best.pt to checkpoints/ as written"

@@ -7,7 +7,9 @@ thread sends everything buffered with ``MlflowClient.log_batch`` every ``flush_i
 Artifact uploads (checkpoints, reports) go through the same worker, in order, off the training
 thread. A failed send is kept and retried on the next round, never dropped. Checkpoints are
 uploaded under fixed names (``checkpoints/last.pt``, ``checkpoints/best.pt``), each newer one
-overwriting the last, and a failed checkpoint upload waits for the next checkpoint.
+overwriting the last, and a failed checkpoint upload waits for the next checkpoint. The same
+worker samples what MLflow's system metrics lack on GPUs (temperature, SM clock, throttle
+reasons: :class:`~pipeline.monitor.system.GpuSampler`) every ``system_interval_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import CheckpointError, PipelineError
+from pipeline.monitor.system import GpuSampler
 from pipeline.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,9 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._last_step = 0  # GPU samples are logged at the newest training step seen
+        self._gpu = GpuSampler.start() if cfg.system_metrics else None
+        self._next_gpu_sample = 0.0
         self._worker = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
         self._worker.start()
         self._system = None
@@ -111,6 +117,7 @@ class MlflowTracker:
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         with self._lock:
             self._metrics.extend(batch)
+            self._last_step = max(self._last_step, int(step))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = [RunTag(k, v) for k, v in _str_values(tags).items()]
@@ -215,6 +222,9 @@ class MlflowTracker:
         self._stop.set()
         self._wake.set()
         self._worker.join(timeout=10)
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
         with self._lock:
             unsent, self._checkpoints = self._checkpoints, {}
         for name, stage in unsent.items():
@@ -245,8 +255,12 @@ class MlflowTracker:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(timeout=self.cfg.flush_interval_s)
+            timeout = self.cfg.flush_interval_s
+            if self._gpu is not None:
+                timeout = min(timeout, max(0.0, self._next_gpu_sample - time.monotonic()))
+            self._wake.wait(timeout=timeout)
             self._wake.clear()
+            self._maybe_sample_gpu()
             with self._lock:  # set before anything leaves the buffers, so flush() waits for it
                 self._busy = True
             self._send()
@@ -255,6 +269,20 @@ class MlflowTracker:
                 self._busy = False
             if self._stop.is_set():
                 return
+
+    def _maybe_sample_gpu(self) -> None:
+        if self._gpu is None or time.monotonic() < self._next_gpu_sample:
+            return
+        self._next_gpu_sample = time.monotonic() + self.cfg.system_interval_s
+        try:
+            values = self._gpu.sample()
+        except Exception as exc:  # a sampler bug must not end the worker (and the uploads)
+            log.warning("tracking: GPU sampling failed (%s); stopped", exc)
+            self._gpu = None
+            return
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._metrics.extend(Metric(k, v, now, self._last_step) for k, v in values.items())
 
     def _send(self) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """Fault injection: rehearse OOM, NaN loss, slow batches and SIGTERM at chosen steps.
 
 Steps are global optimizer steps counted from 1 (the step being computed). Each fault fires
-once per listed step: after an injected OOM the retried window runs clean.
+once per listed step: after an injected OOM the retried window runs clean, and a step re-run
+after a rollback runs clean. ``nan_loss_from_step`` is the exception: a persistent fault that
+no recovery can fix (every step from it on, re-runs included, has a NaN loss).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 class FaultsConfig:
     oom_at_steps: list[int] = spec([], ge=1, help="raise a CUDA-style OOM in these steps")
     nan_loss_at_steps: list[int] = spec([], ge=1, help="make the loss NaN in these steps")
+    nan_loss_from_step: int | None = spec(
+        None, ge=1, help="make the loss NaN in every step from this one on, re-runs included"
+    )
     slow_batch_at_steps: list[int] = spec([], ge=1, help="delay the batch of these steps")
     slow_batch_seconds: float = spec(1.0, gt=0, help="delay of an injected slow batch")
     sigterm_at_step: int | None = spec(None, ge=1, help="send SIGTERM to this process at step")
@@ -50,6 +55,12 @@ class FaultInjector:
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         if self._once("nan_loss", step, self.cfg.nan_loss_at_steps):
+            return loss * float("nan")
+        persistent = self.cfg.nan_loss_from_step
+        if persistent is not None and step >= persistent:
+            if ("nan_loss_from", step) not in self._fired:  # say it once per step number
+                self._fired.add(("nan_loss_from", step))
+                log.warning("fault injection: persistent nan_loss at step %d", step)
             return loss * float("nan")
         return loss
 

@@ -18,9 +18,17 @@ class RecoveryConfig:
     grow_back_after_steps: int | None = spec(
         200, ge=1, help="after this many steps without OOM, undo one split (null: never)"
     )
-    non_finite: Literal["skip", "stop"] = spec(
-        "skip", help="non-finite loss/gradients: skip the update (counted) or stop the run"
+    non_finite: Literal["skip", "stop", "rollback"] = spec(
+        "skip",
+        help="non-finite loss/gradients: skip the update (counted), stop the run, or skip and, "
+        "after max_consecutive_non_finite in a row, roll back to the last checkpoint at a lower LR",
     )
     max_consecutive_non_finite: int = spec(
-        5, ge=1, help="skipped updates in a row after which the run stops with a report"
+        5, ge=1, help="skipped updates in a row after which the run stops (or rolls back)"
+    )
+    rollback_lr_factor: float = spec(
+        0.5, gt=0, lt=1, help="rollback: the LR schedule is scaled by this factor at each rollback"
+    )
+    max_rollbacks: int = spec(
+        2, ge=1, help="rollbacks without getting past the failing step, after which the run stops"
     )

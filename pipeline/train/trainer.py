@@ -1,8 +1,9 @@
 """The training loop: ``train(config) -> TrainResult`` and the :class:`Trainer` behind it.
 
 ``Trainer.fit`` reads as its phases: resume, then per epoch: train windows of micro-batches
-(forward/backward with accumulation, finite check, clip, step), log, checkpoint, validate, stop.
-Components decide when they act (``should_*``); recovery is explicit and counted.
+(forward/backward with accumulation, finite check, clip, step), recover (roll back after
+non-finite updates in a row), log, checkpoint, validate, stop. Components decide when they act
+(``should_*``); recovery is explicit and counted.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pipeline.config.loader import model_hash, to_dict
 from pipeline.config.schema import Config
 from pipeline.errors import CheckpointError, PipelineError
 from pipeline.model import build_model
+from pipeline.monitor.grads import grad_norms_by_group, module_groups
 from pipeline.monitor.health import HealthMonitor, report_markdown
-from pipeline.monitor.perf import StepTimer, memory_metrics
+from pipeline.monitor.perf import PhaseTimer, StepTimer, memory_metrics
+from pipeline.monitor.plots import HealthPlotWriter
 from pipeline.train import runtime
 from pipeline.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from pipeline.train.faults import FaultInjector
@@ -46,7 +49,8 @@ class Interrupted(Exception):
 
 
 class NonFiniteStop(PipelineError):
-    """Too many non-finite updates in a row: the run stopped with a health report."""
+    """Too many non-finite updates in a row (or rollbacks that did not help): the run stopped
+    with a health report."""
 
 
 @dataclass
@@ -156,6 +160,10 @@ class Trainer:
         self.data_stats = parts.data_stats
         self.faults = FaultInjector(cfg.faults)
         self.timer = StepTimer(cfg.monitor)
+        self.phases = PhaseTimer(
+            self.device, cfg.monitor.timing_every_steps or cfg.tracking.log_every_steps
+        )
+        self.grad_groups = module_groups(self.model)  # per-group pre-clip norms on logged steps
         self.health = HealthMonitor(
             cfg.health, base_lr=cfg.optim.lr, warmup_steps=parts.warmup_steps
         )
@@ -168,8 +176,14 @@ class Trainer:
         self._last_oom_step = 0
         self.best_metric: float | None = None
         self.bad_validations = 0
-        self.counts = {"oom_recoveries": 0, "non_finite_skipped": 0, "slow_steps": 0}
+        self.counts = {"oom_recoveries": 0, "non_finite_skipped": 0, "slow_steps": 0,
+                       "rollbacks": 0}
         self.consecutive_non_finite = 0
+        self.lr_scale = 1.0  # product of the rollback LR factors in effect
+        self._non_finite_action: str | None = None  # "stop" | "rollback", set by a streak
+        self._rollbacks_without_progress = 0
+        self._rollback_failed_at: int | None = None  # the step a rollback must get past
+        self._resumed_from: Path | None = None
         self.last_val: dict[str, float] = {}
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._stop_signal: int | None = None
@@ -181,6 +195,7 @@ class Trainer:
 
         if checkpoint is not None:
             self._restore(checkpoint)
+            self._resumed_from = Path(checkpoint["path"]) if checkpoint.get("path") else None
             run_dir = Path(checkpoint["run_dir"])
             run_id = run_id or checkpoint.get("run_id")
         else:
@@ -195,6 +210,10 @@ class Trainer:
             on_written=self._upload_checkpoint if cfg.tracking.log_checkpoints else None,
         )
         self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
+        self.plots = HealthPlotWriter(
+            run_dir / "plots" / "health.png",
+            on_written=lambda path: self.tracker.log_artifact(path, "plots"),
+        )
         if checkpoint is None and ctx.rank == 0:
             runtime.log_run_inputs(self.tracker, cfg, run_dir, self.data_stats)
         log.info(
@@ -238,6 +257,8 @@ class Trainer:
                 continue
             self.optimizer_step(window)
             window = []
+            if self.maybe_recover_non_finite():
+                return  # rolled back: the epoch loop continues from the restored position
             self.after_step()
             if self.should_stop():
                 return
@@ -245,10 +266,15 @@ class Trainer:
     def optimizer_step(self, window: list[dict]) -> None:
         start = time.perf_counter()
         data_wait, self._window_wait = self._window_wait, 0.0
+        step = self.step + 1  # the step being computed
+        self.phases.begin(step, data_wait)  # sampled steps only: events/stamps, no sync
         n_structures = sum(len(b["names"]) for b in window)
         loss, terms = self._forward_backward_with_recovery(window, n_structures)
+        self.phases.mark()  # end of compute (forward + backward)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        # Per-group norms on logged steps only; they ride on the one sync below.
+        groups = grad_norms_by_group(self.grad_groups) if self.should_log(step) else {}
         clip = self.cfg.trainer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # pre-clip
         # One host sync per optimizer step: the update must not happen on non-finite values.
@@ -256,10 +282,12 @@ class Trainer:
         limit = self.cfg.trainer.time_limit_minutes
         over_time = limit is not None and time.monotonic() - self._started > 60 * limit
         stats = torch.stack(
-            [loss.float(), grad_norm.float(), torch.tensor(float(over_time), device=loss.device)]
+            [loss.float(), grad_norm.float(), torch.tensor(float(over_time), device=loss.device),
+             *groups.values()]
         )
         stats = runtime.all_reduce_mean(stats, self.ctx)
-        loss_value, grad_norm_value, over_time_vote = stats.tolist()
+        loss_value, grad_norm_value, over_time_vote, *group_values = stats.tolist()
+        group_norms = dict(zip(groups, group_values))
         if over_time_vote > 0:
             self._stop_reason = "time_limit"
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
@@ -271,25 +299,36 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.consecutive_non_finite = 0
+            self._note_progress(step)
         else:
-            self._skip_non_finite(loss_value, grad_norm_value)
+            self._skip_non_finite(step, loss_value, grad_norm_value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.step += 1
+        self.phases.mark()  # end of optimizer (unscale, clip, finite check, step)
+        self.step = step
         self.samples_seen += n_structures * self.ctx.world_size
-        fired = self.health.observe(self.step, loss=loss_value, grad_norm=grad_norm_value, lr=lr)
+        step_s = time.perf_counter() - start + data_wait
+        fired = self.health.observe(
+            step, loss=loss_value, grad_norm=grad_norm_value, lr=lr,
+            group_norms=group_norms or None,
+            samples_per_s=n_structures * self.ctx.world_size / step_s,
+            data_wait_s=data_wait, step_s=step_s,
+        )
         for name in fired:
             check = self.health.checks[name]
             if check.count == 1 or check.count % 50 == 0:  # say it, without flooding the log
                 log.warning("health: %s (%d so far): %s", name, check.count, check.suggestion)
-        step_s = time.perf_counter() - start + data_wait
-        slow = self.timer.observe(self.step, step_s=step_s, data_wait_s=data_wait)
+        slow = self.timer.observe(step, step_s=step_s, data_wait_s=data_wait)
         if slow:
             self.counts["slow_steps"] += 1
-            log.warning("slow step %d: %.0f ms vs median %.0f ms (cause: %s)", self.step,
+            log.warning("slow step %d: %.0f ms vs median %.0f ms (cause: %s)", step,
                         1000 * slow["step_s"], 1000 * slow["median_s"], slow["cause"])
         if self.should_log() or fired:
-            self._log_step(loss_value, terms, grad_norm_value, lr, step_s, data_wait, window)
+            self._log_step(loss_value, terms, grad_norm_value, group_norms, lr, step_s, data_wait,
+                           window)
+        self.phases.mark()  # end of logging (health checks, timers, metrics)
+        for timed_step, times in self.phases.ready():  # CUDA: steps whose events completed
+            self.tracker.log_metrics(times, step=timed_step)
 
     def after_step(self) -> None:
         self.faults.after_step(self.step)
@@ -305,12 +344,40 @@ class Trainer:
     def end_epoch(self) -> None:
         finished_epoch = self.batch_in_epoch >= len(self.loader)
         if not finished_epoch:
-            return  # stopped mid-epoch (max_steps or a stop request)
+            return  # stopped mid-epoch (max_steps, a stop request or a rollback)
         self.epoch += 1
         self.batch_in_epoch = 0
         if self.should_validate():
             self.validate()
-        self.save_checkpoint()
+        if self.consecutive_non_finite == 0:  # see should_checkpoint
+            self.save_checkpoint()
+
+    def maybe_recover_non_finite(self) -> bool:
+        """After ``recovery.max_consecutive_non_finite`` skipped updates in a row (or one, with
+        ``recovery.non_finite=stop``): roll back to the last checkpoint at a lower LR (returns
+        True) or stop with :class:`NonFiniteStop` and a health report."""
+        action, self._non_finite_action = self._non_finite_action, None
+        if action is None:
+            return False
+        recovery = self.cfg.recovery
+        streak = (f"{self.consecutive_non_finite} non-finite update(s) in a row "
+                  f"(recovery.non_finite={recovery.non_finite})")
+        if action == "stop":
+            self._stop_non_finite(streak)
+        if self._rollbacks_without_progress >= recovery.max_rollbacks:
+            self._stop_non_finite(
+                f"{streak} after {self._rollbacks_without_progress} rollback(s) that did not get "
+                f"past step {self._rollback_failed_at} (recovery.max_rollbacks="
+                f"{recovery.max_rollbacks}; LR now x{self.lr_scale:g} of the schedule)"
+            )
+        target = self._rollback_target()
+        if target is None:
+            self._stop_non_finite(
+                f"{streak} and no checkpoint to roll back to yet (the first is written after "
+                f"trainer.checkpoint_every_steps steps or at the end of the first epoch)"
+            )
+        self._roll_back(target)
+        return True
 
     def validate(self) -> dict[str, float]:
         self._validated_at = self.step
@@ -357,12 +424,15 @@ class Trainer:
             return True
         return self.epoch >= self.cfg.trainer.epochs
 
-    def should_log(self) -> bool:
-        return self.step % self.cfg.tracking.log_every_steps == 0 or self.step == 1
+    def should_log(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the last completed one) logs its train/* metrics."""
+        step = self.step if step is None else step
+        return step % self.cfg.tracking.log_every_steps == 0 or step == 1
 
     def should_checkpoint(self) -> bool:
         every = self.cfg.trainer.checkpoint_every_steps
-        return every is not None and self.step % every == 0
+        # Not while updates are being skipped: a rollback's checkpoint must predate the streak.
+        return every is not None and self.step % every == 0 and self.consecutive_non_finite == 0
 
     def should_validate(self) -> bool:
         last_epoch = self.epoch >= self.cfg.trainer.epochs or (
@@ -393,6 +463,7 @@ class Trainer:
                     raise
                 self.split *= 2
                 self.counts["oom_recoveries"] += 1
+                self.health.mark("oom_recovery", self.step + 1)
                 log.warning(
                     "OOM at step %d (micro-batch %d, crop %d): retrying the same samples in "
                     "%d chunks per micro-batch (%s)",
@@ -429,12 +500,12 @@ class Trainer:
                 terms[name] = terms.get(name, 0.0) + value.detach().float() * weight
         return total, terms
 
-    def _skip_non_finite(self, loss: float, grad_norm: float) -> None:
+    def _skip_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         self.counts["non_finite_skipped"] += 1
         self.consecutive_non_finite += 1
         log.warning(
             "step %d: non-finite loss %s / grad norm %s: update skipped (%d in a row)",
-            self.step + 1,
+            step,
             loss,
             grad_norm,
             self.consecutive_non_finite,
@@ -444,21 +515,80 @@ class Trainer:
         recovery = self.cfg.recovery
         if recovery.non_finite == "stop" or (
             self.consecutive_non_finite >= recovery.max_consecutive_non_finite
-        ):
-            self._log_health_report()
-            raise NonFiniteStop(
-                f"training stopped at step {self.step + 1}: {self.consecutive_non_finite} "
-                f"non-finite update(s) in a row (recovery.non_finite={recovery.non_finite}); "
-                f"see health/report.md"
-            )
+        ):  # acted on once the step is complete (maybe_recover_non_finite)
+            self._non_finite_action = "rollback" if recovery.non_finite == "rollback" else "stop"
 
-    def _log_step(self, loss, terms, grad_norm, lr, step_s, data_wait, window) -> None:
+    def _note_progress(self, step: int) -> None:
+        """A finite update at or past the step where the last rollback's streak ended: the
+        rollbacks helped and no longer count towards ``recovery.max_rollbacks``."""
+        if self._rollback_failed_at is not None and step >= self._rollback_failed_at:
+            log.info("step %d: past step %d after %d rollback(s)", step,
+                     self._rollback_failed_at, self._rollbacks_without_progress)
+            self._rollbacks_without_progress = 0
+            self._rollback_failed_at = None
+
+    def _stop_non_finite(self, reason: str) -> None:
+        message = f"training stopped at step {self.step}: {reason}; see health/report.md"
+        self._log_health_report(stopped=message)
+        raise NonFiniteStop(message)
+
+    def _rollback_target(self) -> Path | None:
+        """The newest step checkpoint of this run (rank 0's, for every rank), else the one it
+        resumed from; ``None`` before the first."""
+        found = None
+        if self.ctx.rank == 0:
+            self.checkpoints.wait()
+            last = self.checkpoints.last_path or self._resumed_from
+            found = str(last) if last is not None and last.is_file() else None
+        found = runtime.broadcast_object(found, self.ctx)
+        return Path(found) if found else None
+
+    def _roll_back(self, path: Path) -> None:
+        """Restore ``path`` by the resume path (model, optimizer, scheduler, scaler, loader
+        position, RNG, step) and scale the LR schedule by ``recovery.rollback_lr_factor``.
+        Kept across it: the counters, the OOM split, the best metric (it names best.pt) and
+        the health history (the skipped steps stay marked)."""
+        failed_at, streak = self.step, self.consecutive_non_finite
+        kept = {key: getattr(self, key) for key in
+                ("split", "_last_oom_step", "best_metric", "bad_validations")}
+        counts = dict(self.counts)
+        scale = self.lr_scale * self.cfg.recovery.rollback_lr_factor
+        self._restore(load_checkpoint(path))  # sets lr_scale to the checkpoint's
+        runtime.rescale_lr(self.optimizer, self.scheduler, scale / self.lr_scale)
+        self.lr_scale = scale
+        for key, value in kept.items():
+            setattr(self, key, value)
+        self.counts = counts
+        self.counts["rollbacks"] += 1
+        self._rollbacks_without_progress += 1
+        self._rollback_failed_at = max(failed_at, self._rollback_failed_at or 0)
+        self.consecutive_non_finite = 0
+        self._window_wait = 0.0
+        self.health.mark("rollback", failed_at)
+        self.health.forget_after(self.step)
+        for key, points in self.history.items():
+            self.history[key] = [(s, v) for s, v in points if s <= self.step]
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.warning(
+            "rollback %d: %d non-finite updates in a row up to step %d; restored the checkpoint "
+            "of step %d (%s) with the LR scaled by %g: lr now %.3g (x%g of the schedule)",
+            self.counts["rollbacks"], streak, failed_at, self.step, path,
+            self.cfg.recovery.rollback_lr_factor, lr, self.lr_scale,
+        )
+        self.tracker.log_metrics(
+            {"recovery/rollbacks": float(self.counts["rollbacks"]), "recovery/lr_scale": scale},
+            step=failed_at,
+        )
+
+    def _log_step(self, loss, terms, grad_norm, group_norms, lr, step_s, data_wait,
+                  window) -> None:
         residues = sum(int(b["lengths"].sum()) for b in window) * self.ctx.world_size
         structures = sum(len(b["names"]) for b in window) * self.ctx.world_size
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
+            **{f"train/grad_norm/{k}": v for k, v in group_norms.items()},
             "train/epoch": self.epoch + self.batch_in_epoch / max(len(self.loader), 1),
             "train/samples_seen": float(self.samples_seen),
             "perf/step_time_ms": 1000 * step_s,
@@ -466,10 +596,13 @@ class Trainer:
             "perf/samples_per_s": structures / step_s,
             "perf/residues_per_s": residues / step_s,
             "perf/micro_batch_size": float(self.cfg.trainer.micro_batch_size // self.split),
+            "perf/eta_s": self.timer.eta_s(self.total_steps - self.step),
             **{f"train/loss/{k}": float(v) for k, v in terms.items()},
             **{f"recovery/{k}": float(v) for k, v in self.counts.items()},
             **memory_metrics(self.device),
         }
+        if "perf/gpu_mem_allocated_gib" in metrics:
+            self.health.record(self.step, gpu_mem_gib=metrics["perf/gpu_mem_allocated_gib"])
         used = metrics.get("perf/gpu_mem_used_fraction", 0.0)
         if used > self.cfg.monitor.memory_warning_fraction:
             self.counts["memory_pressure"] = self.counts.get("memory_pressure", 0) + 1
@@ -514,6 +647,7 @@ class Trainer:
             "split": self.split,
             "last_oom_step": self._last_oom_step,
             "counts": dict(self.counts),
+            "lr_scale": self.lr_scale,
             "model_hash": model_hash(self.cfg),
             "config": to_dict(self.cfg),
             "run_id": self.tracker.run_id,
@@ -551,6 +685,7 @@ class Trainer:
             setattr(self, key, state[key])
         self.counts.update(state["counts"])
         self._last_oom_step = state.get("last_oom_step", 0)
+        self.lr_scale = state.get("lr_scale", 1.0)
 
     def _save_on_failure(self, exc: BaseException) -> None:
         """A failing run checkpoints first (unless the weights themselves are bad)."""
@@ -575,6 +710,8 @@ class Trainer:
         if self.ctx.rank == 0 and self.checkpoints.last_path != self._expected_last_path():
             self.save_checkpoint(blocking=True)
         self.checkpoints.wait()
+        for timed_step, times in self.phases.ready(wait=True):
+            self.tracker.log_metrics(times, step=timed_step)
         elapsed = time.monotonic() - self._started
         self.tracker.log_metrics(
             {
@@ -585,6 +722,7 @@ class Trainer:
             step=self.step,
         )
         self._log_health_report()
+        self.plots.wait()  # matplotlib's text layout is not thread-safe: one figure at a time
         runtime.log_training_plot(self.tracker, self.history)
         if self._stop_reason != "pruned":
             self._log_model()
@@ -624,13 +762,17 @@ class Trainer:
     def _expected_last_path(self) -> Path:
         return self.checkpoints.directory / f"step-{self.step:08d}.pt"
 
-    def _log_health_report(self) -> None:
+    def _log_health_report(self, *, stopped: str | None = None) -> None:
+        """health/report.{json,md} now, and plots/health.png drawn from it (in the background)."""
         if not self.health.cfg.enabled or self.ctx.rank != 0:
             return
         report = self.health.report()
         report["recovery"] = dict(self.counts)
         report["slow_steps"] = self.timer.slow_steps[-20:]
+        if stopped is not None:
+            report["stopped"] = stopped
         runtime.write_health_report(self.tracker, self.run_dir, report, report_markdown(report))
+        self.plots.submit(report)
 
     def _upload_checkpoint(self, path: Path) -> None:
         """Called where the checkpoint was written, once it and its checksum are complete."""
@@ -647,6 +789,7 @@ class Trainer:
         if status == "FINISHED" and self._stop_reason == "pruned":
             status = "KILLED"
         try:
+            self.plots.wait()
             self.checkpoints.wait()
         finally:
             self.tracker.close(status)

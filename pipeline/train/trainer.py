@@ -242,6 +242,7 @@ class Trainer:
             self._tag_error(exc)
             raise
         finally:
+            self.loader.close()  # worker processes end with the run, not at a later GC
             self._close_tracker(status)
 
     def train_epoch(self) -> None:

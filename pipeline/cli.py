@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     items = list(args.overrides)
-    items.extend(shlex.split(args.override_string or ""))
+    try:
+        items.extend(shlex.split(args.override_string or ""))
+    except ValueError as exc:  # an unbalanced quote
+        raise PipelineError(f"--overrides {args.override_string!r}: {exc}") from None
     epochs = getattr(args, "epochs", None)
     if epochs is not None:
         items.append(f"trainer.epochs={epochs}")
@@ -211,6 +214,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import run_study
 
+    for flag, value in (("--n-trials", args.n_trials), ("--n-workers", args.n_workers)):
+        if value is not None and value < 1:
+            raise PipelineError(f"{flag}: expected an integer >= 1, got {value}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise PipelineError(f"--timeout: expected a number of seconds > 0, got {args.timeout:g}")
     base = _load(args)
     summary = run_study(
         base,
@@ -232,7 +240,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     from pipeline.data import DataConfig
     from pipeline.data.inspect import check_path, format_report
 
-    print(format_report(check_path(args.check, DataConfig(source="files", path=args.check))))
+    report = check_path(args.check, DataConfig(source="files", path=args.check))
+    print(format_report(report))
+    if not report["usable"]:  # the report is on stdout; the verdict is a bad-input exit
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in report["skipped_files"].items())
+        raise PipelineError(
+            f"data --check {args.check}: no usable structure file"
+            + (f" ({reasons})" if reasons else " (no .pdb/.cif files found)")
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from importlib import resources
@@ -363,3 +364,25 @@ def model_hash(config: Config) -> str:
     """
     text = json.dumps(to_dict(config)["model"], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_SECRET_KEY = re.compile(r"password|passwd|token|secret|api_?key", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]*(?=@)")
+REDACTED = "***"
+
+
+def redact(data: Any) -> Any:
+    """A copy of ``data`` fit to log: the value of any key that names a secret (password,
+    token, secret, api_key; any case) becomes ``***``, and so does the password of any URL
+    (``scheme://user:PASSWORD@host``) in a string value, at any depth."""
+    if isinstance(data, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v is not None
+            else redact(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact(v) for v in data)
+    if isinstance(data, str):
+        return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, data)
+    return data

@@ -92,7 +92,7 @@ def evaluate_model(
     sampler_steps: int | None = None,
     output: str | None = None,
 ) -> str:
-    n_samples = n_samples or 5
+    n_samples = 5 if n_samples is None else n_samples  # 0 is an error, not the default
     if n_samples < 1:
         raise PipelineError(f"--n-samples: expected an integer >= 1, got {n_samples}")
     if sampler_steps is not None and sampler_steps < 1:

@@ -151,13 +151,23 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
     return state
 
 
-def find_latest(root: Path, *, run_id: str | None = None) -> Path | None:
+def find_latest(
+    root: Path, *, run_id: str | None = None, model_hash: str | None = None
+) -> Path | None:
     """Newest valid ``step-*.pt`` under ``root`` (recursively), skipping invalid ones loudly;
-    with ``run_id``, the newest of that MLflow run."""
+    with ``run_id``, the newest of that MLflow run; with ``model_hash``, the newest written for
+    that model configuration (others are skipped with a warning: they cannot be resumed)."""
     candidates = [p for p in root.glob("**/checkpoints/step-*.pt") if _STEP_FILE.match(p.name)]
     candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         problem = verify_checkpoint(path)
+        if problem is None and model_hash is not None:
+            try:
+                found = read_entry(path, "model_hash")
+            except Exception as exc:  # a valid checksum over a file torch cannot read
+                found, problem = None, f"cannot be loaded ({type(exc).__name__})"
+            if problem is None and found != model_hash:
+                problem = f"written for another model configuration (model hash {found})"
         if problem is not None:
             log.warning("skipping checkpoint %s: %s", path, problem)
         elif run_id is None or read_entry(path, "run_id") == run_id:

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from pipeline.config.loader import flatten, model_hash, to_dict, to_yaml
+from pipeline.config.loader import flatten, model_hash, redact, to_dict, to_yaml
 from pipeline.config.schema import Config
 from pipeline.data import build_datasets, build_train_loader, build_val_batches
 from pipeline.errors import CheckpointError, ConfigError
@@ -223,6 +224,19 @@ def free_memory(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- run and tracking
+def check_output_dir(cfg: Config) -> None:
+    """Fail before any work (and before an MLflow run exists) when ``output_dir`` cannot be
+    created or written: a probe file is created and removed."""
+    root = Path(cfg.output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"output_dir: cannot write to {root} ({reason})") from None
+
+
 def new_run_dir(cfg: Config, ctx: Runtime) -> Path:
     """A fresh ``<output_dir>/runs/<time>-<id>``, named by rank 0 for every rank."""
     path = None
@@ -331,10 +345,12 @@ def build_run_tracker(
 
 
 def log_run_inputs(tracker: Tracker, cfg: Config, run_dir: Path, data_stats: dict) -> None:
-    resolved = to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(resolved)
-    tracker.log_params(flatten(to_dict(cfg)))
-    tracker.log_text(resolved, "config/resolved.yaml")
+    """The resolved config (``config.yaml`` in the run directory; in MLflow as params and
+    ``config/resolved.yaml`` with secrets redacted: :func:`~pipeline.config.loader.redact`)."""
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    safe = redact(to_dict(cfg))
+    tracker.log_params(flatten(safe))
+    tracker.log_text(yaml.safe_dump(safe, sort_keys=False), "config/resolved.yaml")
     tracker.log_text(json.dumps(data_stats, indent=2, default=str), "data/stats.json")
     skipped = data_stats.get("skipped_files")
     if isinstance(skipped, (int, float)):

@@ -86,6 +86,7 @@ def train(
     a local one under ``output_dir``, else its uploaded ``checkpoints/last.pt`` (a run moved to
     another machine); with ``resume`` a path, from that checkpoint.
     """
+    runtime.check_output_dir(config)
     ctx = runtime.setup(config)
     checkpoint = _find_resume_checkpoint(config, resume, continue_run=continue_run, ctx=ctx)
     trainer = Trainer(
@@ -115,9 +116,10 @@ def _find_resume_checkpoint(
     elif resume is None:
         return None
     elif resume == "auto":
-        path = find_latest(Path(config.output_dir))
+        path = find_latest(Path(config.output_dir), model_hash=model_hash(config))
         if path is None:
-            log.info("--resume auto: no valid checkpoint under %s; starting fresh", config.output_dir)
+            log.info("--resume auto: no valid checkpoint of this model under %s; starting fresh",
+                     config.output_dir)
             return None
     else:
         path = Path(resume)

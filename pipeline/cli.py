@@ -214,11 +214,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import run_study
 
-    for flag, value in (("--n-trials", args.n_trials), ("--n-workers", args.n_workers)):
-        if value is not None and value < 1:
-            raise PipelineError(f"{flag}: expected an integer >= 1, got {value}")
-    if args.timeout is not None and not args.timeout > 0:
-        raise PipelineError(f"--timeout: expected a number of seconds > 0, got {args.timeout:g}")
     base = _load(args)
     summary = run_study(
         base,

@@ -194,14 +194,14 @@ TINY = ["data.n_train=4", "data.n_val=2", "data.max_length=24", "trainer.micro_b
 
 def test_run_name_cannot_place_files_outside_the_runs_directory(tmp_path, capsys):
     name = "../../../escaped/../../x/run"
-    sets = [*TINY, f"output_dir={tmp_path}/work/out", f"tracking.run_name={name}"]
+    sets = [*TINY, f"output_dir={tmp_path}/runs-root/out", f"tracking.run_name={name}"]
     assert main(["train", "--scenario", "debug", *[a for s in sets for a in ("--set", s)]]) == 0
     outside = [p for p in tmp_path.rglob("*") if p.name in ("escaped", "x", "run")]
     assert outside == []
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path.parent / "x").exists()
-    runs = list((tmp_path / "work" / "out" / "runs").iterdir())
+    runs = list((tmp_path / "runs-root" / "out" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "config.yaml").is_file()
-    assert sorted(p.name for p in (tmp_path / "work" / "out").iterdir()) == ["cache", "runs"]
+    assert sorted(p.name for p in (tmp_path / "runs-root" / "out").iterdir()) == ["cache", "runs"]
     (run,) = mlflow.MlflowClient().search_runs(
         [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
     assert run.info.run_name == name  # kept as a label; it names no path

@@ -412,13 +412,12 @@ def build_datasets(
     directory = cache_dir if cache_dir is not None else cfg.cache_dir
     if cache == "disk" and directory is None:
         raise ConfigError("loader.cache: 'disk' needs a cache directory (data.cache_dir)")
-    disk = DiskCache(Path(directory) / "features") if cache == "disk" else None
+    # A generated synthetic set is cheap to keep and costly to remake (tens of seconds for a
+    # few hundred structures): kept whenever there is a directory, unless cache 'none'.
+    synthetic_kept = cfg.source == "synthetic" and cache != "none" and directory is not None
+    disk = DiskCache(Path(directory) / "features") if cache == "disk" or synthetic_kept else None
     if cfg.source == "synthetic":
-        # A generated set is cheap to keep and costly to remake (tens of seconds for a few
-        # hundred structures): kept on disk whenever there is a directory, unless cache 'none'.
-        keep = cache != "none" and directory is not None
-        return _build_synthetic(cfg, seed=seed, disk=DiskCache(Path(directory) / "features")
-                                if keep else None)
+        return _build_synthetic(cfg, seed=seed, disk=disk)
     return _build_files(cfg, seed=seed, cache=cache, disk=disk)
 
 

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import CheckpointError, PipelineError
 from pipeline.monitor.system import GpuSampler
 from pipeline.tracking import TrackingConfig
+from pipeline.train.checkpoint import read_checksum, write_checksum
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,7 @@ class MlflowTracker:
                 os.link(path, stage / name)
             except OSError:  # a file system without hard links
                 shutil.copyfile(path, stage / name)
-            digest = path.with_name(path.name + ".sha256").read_text().split()[0]
-            (stage / f"{name}.sha256").write_text(f"{digest}  {name}\n")
+            write_checksum(stage / name, read_checksum(path))
         except OSError as exc:
             log.warning("tracking: %s not uploaded: cannot stage it (%s)", path, exc)
             if stage is not None:

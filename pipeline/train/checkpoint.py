@@ -10,7 +10,6 @@ background thread.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.cache import content_hash
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
+def checksum_path(path: Path) -> Path:
+    """The checksum file of checkpoint ``path``: ``<name>.sha256``."""
+    return path.with_name(path.name + ".sha256")
+
+
+def read_checksum(path: Path) -> str:
+    """The digest recorded for checkpoint ``path`` ("" when its checksum file is empty)."""
+    fields = checksum_path(path).read_text().split()
+    return fields[0] if fields else ""
+
+
+def write_checksum(path: Path, digest: str) -> None:
+    """Write (atomically) the checksum file of ``path``: ``<digest>  <name>``, as sha256sum."""
+    _fsync_write(checksum_path(path), f"{digest}  {path.name}\n".encode())
+
+
 def write_checkpoint(path: Path, state: dict) -> None:
     """Serialise ``state`` to ``path`` atomically, then its checksum file.
 
@@ -104,28 +120,21 @@ def write_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
-    digest = hashlib.sha256()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            digest.update(chunk)
+    digest = content_hash(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    _fsync_write(
-        path.with_name(path.name + ".sha256"), f"{digest.hexdigest()}  {path.name}\n".encode()
-    )
+    write_checksum(path, digest)
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """``None`` when ``path`` and its checksum agree, else the reason it is not valid."""
-    sidecar = path.with_name(path.name + ".sha256")
     if not path.is_file():
         return "file not found"
-    if not sidecar.is_file():
+    if not checksum_path(path).is_file():
         return "no checksum file (incomplete write)"
-    expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
+    if content_hash(path) != read_checksum(path):
         return "checksum mismatch (corrupt or truncated)"
     return None
 
@@ -230,7 +239,8 @@ class CheckpointManager:
     """Writes ``step-N.pt`` files into ``directory``, keeps the newest ``keep_last``.
 
     ``save(..., blocking=False)`` returns once the device-to-host copies are enqueued
-    (:class:`HostSnapshot`); the write happens in a background thread (one at a time). ``wait()`` joins it; the trainer calls it before exit.
+    (:class:`HostSnapshot`); the write happens in a background thread (one at a time).
+    ``wait()`` joins it; the trainer calls it before exit.
     ``on_written(path)`` runs where the write ran, once the checkpoint and its checksum are
     complete (the trainer hands it to the tracker for upload).
     """
@@ -289,5 +299,5 @@ class CheckpointManager:
     def _prune(self) -> None:
         steps = sorted(p for p in self.directory.glob("step-*.pt") if _STEP_FILE.match(p.name))
         for old in steps[: -self.keep_last]:
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)

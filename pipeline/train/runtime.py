@@ -32,7 +32,14 @@ from pipeline.data import build_datasets, build_train_loader, build_val_batches
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import build_model
 from pipeline.tracking import Tracker, build_tracker
-from pipeline.train.checkpoint import find_latest, read_entry, verify_checkpoint
+from pipeline.train.checkpoint import (
+    checksum_path,
+    find_latest,
+    read_checksum,
+    read_entry,
+    verify_checkpoint,
+    write_checksum,
+)
 from pipeline.train.optim import build_optimizer
 from pipeline.train.schedule import build_scheduler, warmup_steps
 
@@ -287,12 +294,11 @@ def run_checkpoint(cfg: Config, run_id: str) -> Path:
 
 
 def _install_checkpoint(source: Path, target: Path) -> None:
-    """Move a verified checkpoint to ``target``, then its checksum file (renamed inside)."""
-    sidecar = source.with_name(source.name + ".sha256")
-    digest = sidecar.read_text().split()[0]
+    """Move a verified checkpoint to ``target``, then its checksum file (naming ``target``)."""
+    digest = read_checksum(source)
     os.replace(source, target)
-    sidecar.write_text(f"{digest}  {target.name}\n")
-    os.replace(sidecar, target.with_name(target.name + ".sha256"))
+    write_checksum(target, digest)
+    checksum_path(source).unlink()
 
 
 def run_name(cfg: Config) -> str:

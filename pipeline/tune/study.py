@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.config.fields import spec
 from pipeline.config.loader import (
     configs_dir,
+    redact,
     from_dict,
     merge,
     nested,
@@ -252,7 +253,7 @@ def _open_study(
         )
     except ImportError:
         raise PipelineError(
-            f"--storage: no database driver for {_redact(url)} "
+            f"--storage: no database driver for {redact(url)} "
             "(PostgreSQL: pip install 'psycopg[binary]')"
         ) from None
     except (ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
@@ -296,7 +297,7 @@ class _Objective:
         self.parent_run_id, self.study_name = parent_run_id, study_name
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        from pipeline.train.trainer import train
+        from pipeline.train.trainer import error_tag, train
 
         trial.set_user_attr("worker", _worker_id())
         trial.set_user_attr("parent_run_id", self.parent_run_id)
@@ -320,7 +321,7 @@ class _Objective:
                 extra_tags={"trial": trial.number, "study_name": self.study_name},
             )
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr("error", error_tag(exc))
             raise
         throughput = result.samples_seen / max(time.monotonic() - started, 1e-9)
         trial.set_user_attr("run_id", result.run_id)
@@ -358,8 +359,11 @@ def run_study(
     """
     tune = load_tune_config(tune_config)
     _check_space(base, tune)
-    if n_workers < 1:
-        raise ConfigError(f"--n-workers: expected >= 1, got {n_workers}")
+    for flag, value in (("--n-trials", n_trials), ("--n-workers", n_workers)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected an integer >= 1, got {value}")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"--timeout: expected a number of seconds > 0, got {timeout:g}")
     if (join or worker) and not parent_run_id and base.tracking.enabled:
         raise ConfigError("--parent-run-id: required to join a study's parent run")
     if tune.objective == "pareto" and tune.pruner != "none":
@@ -401,7 +405,7 @@ def run_study(
         else:
             study.set_user_attr(_TARGET_ATTR, target)
             _run_workers(n_workers, base, tune_config, storage, study, root, parent.run_id,
-                         timeout, tune)
+                         timeout, lost)
         status = "FINISHED"
         return _log_study(parent, study, base, tune, root)
     except KeyboardInterrupt:
@@ -448,23 +452,14 @@ def _study_params(study_name: str, tune: TuneConfig, n_workers: int, storage: st
             f"{tune.time_budget_minutes} min per trial" if tune.time_budget_minutes else "epochs"
         ),
         "n_workers": n_workers,
-        "storage": _redact(storage) if storage else "journal file",
+        "storage": redact(storage) if storage else "journal file",
         **{f"search.{k}": dataclasses.asdict(v) for k, v in tune.search_space.items()},
     }
 
 
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable URL>"
-
 
 # ====================================================================== local workers
-def _run_workers(n, base, tune_config, storage, study, root, parent_run_id, timeout, tune):
+def _run_workers(n, base, tune_config, storage, study, root, parent_run_id, timeout, lost):
     """Start ``n`` worker processes on this host and wait; fail the trials of dead workers."""
     import torch
 
@@ -490,7 +485,6 @@ def _run_workers(n, base, tune_config, storage, study, root, parent_run_id, time
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
         procs.append(subprocess.Popen(command, env=env))
     log.info("tune: %d workers started (pids %s)", n, " ".join(str(p.pid) for p in procs))
-    lost = _WorkerLost(tune, base.tracking.enabled)
     running = list(procs)
     while running:
         time.sleep(1.0)

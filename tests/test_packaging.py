@@ -71,3 +71,18 @@ def test_mlproject_entry_points_call_the_cli():
     assert {"n_trials", "timeout", "storage", "study_name", "scenario"} <= set(
         points["tune"]["parameters"]
     )
+
+
+def test_python_env_matches_conda_env_and_installs_this_project():
+    """python_env.yaml (MLflow's virtualenv/uv format) states conda.yaml's environment."""
+    from mlflow.utils.environment import _PythonEnv
+
+    env = _PythonEnv.from_yaml(REPO / "python_env.yaml")  # what MLflow reads
+    assert env.dependencies == ["-e ."]  # the project itself, so pyproject's dependencies apply
+    assert "pip" in env.build_dependencies
+    required = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert required == f">={env.python}"  # the oldest supported Python, as in conda.yaml
+    # The virtualenv MLflow derives from conda.yaml (what `mlflow run --env-manager virtualenv`
+    # builds while MLproject names conda.yaml) has the same python and dependencies.
+    from_conda = _PythonEnv.from_conda_yaml(REPO / "conda.yaml")
+    assert (from_conda.python, from_conda.dependencies) == (env.python, env.dependencies)

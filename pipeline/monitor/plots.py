@@ -86,9 +86,14 @@ def save_health_plot(report: dict, path: str | Path) -> Path | None:
     figure = plot_health(report)
     if figure is None:
         return None
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` (PNG) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".health-", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         figure.savefig(tmp, dpi=100)

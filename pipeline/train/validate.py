@@ -22,6 +22,9 @@ class Validator:
         self.batches = batches
         self.device = device
         self.autocast = autocast
+        #: Per-residue (pLDDT 0-100, true lDDT fraction) of the last run, on the CPU: the
+        #: run report's calibration plot.
+        self.last_residues: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def run(self, epoch: int) -> dict[str, float]:
@@ -54,6 +57,7 @@ class Validator:
         self.model.train(was_training)
         metrics = {k: v / n_structures for k, v in sums.items()}
         metrics["val/plddt_pearson"] = pearson(torch.cat(plddt_all), torch.cat(lddt_all))
+        self.last_residues = (torch.cat(plddt_all).cpu(), torch.cat(lddt_all).cpu())
         return metrics
 
     def _score(self, batch: dict, generator: torch.Generator):

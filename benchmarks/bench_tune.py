@@ -42,6 +42,7 @@ TRIAL = [
     "trainer.checkpoint_every_steps=100000",
     "tracking.system_metrics=false",
 ]
+PRUNERS = ("median", "successive_halving", "hyperband")
 SPACE = {
     "optim.lr": {"type": "float", "low": 2.0e-4, "high": 5.0e-3, "log": True},
     "scheduler.warmup_epochs": {"type": "float", "low": 0.0, "high": 3.0},
@@ -61,7 +62,7 @@ def study(args) -> None:
     tune_file = out / f"tune-{args.pruner}.yaml"
     tune_file.write_text(yaml.safe_dump({
         "sampler": "random", "pruner": args.pruner, "n_startup_trials": args.startup,
-        "search_space": SPACE,
+        "reduction_factor": args.reduction_factor, "search_space": SPACE,
     }))
     work = Path(tempfile.mkdtemp(prefix=f"tune-{args.pruner}-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -69,7 +70,7 @@ def study(args) -> None:
                        overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
     started = time.monotonic()
     summary = run_study(base, tune_config=tune_file, n_trials=args.n_trials,
-                        study_name=f"bench-{args.pruner}")
+                        timeout=args.timeout, study_name=f"bench-{args.pruner}")
     total = time.monotonic() - started
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
         str(work / "tune" / f"bench-{args.pruner}" / "optuna-journal.log")))
@@ -181,7 +182,13 @@ def replay(args) -> None:
     pruners = {
         "none": optuna.pruners.NopPruner(),
         "median": optuna.pruners.MedianPruner(n_startup_trials=args.startup),
-        "hyperband": optuna.pruners.HyperbandPruner(min_resource=args.min_resource),
+        "percentile-25": optuna.pruners.PercentilePruner(25.0, n_startup_trials=args.startup),
+        "successive_halving-3": optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=args.min_resource, reduction_factor=3),
+        "successive_halving-4": optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=args.min_resource, reduction_factor=4),
+        "hyperband-3": optuna.pruners.HyperbandPruner(min_resource=args.min_resource,
+                                                      reduction_factor=3),
     }
     rows = {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -216,7 +223,7 @@ def replay(args) -> None:
 def report(args) -> None:
     out = Path(args.out)
     studies = {p: json.loads((out / f"study-{p}.json").read_text())
-               for p in ("none", "median") if (out / f"study-{p}.json").exists()}
+               for p in ("none", *PRUNERS) if (out / f"study-{p}.json").exists()}
     for name, result in studies.items():
         print(f"\n### pruner {name}: {result['study_wall_s']:.0f} s for the study\n")
         print("| trial | state | val/lddt | samples seen | seconds | lr | warmup ep | accum | prefetch |")
@@ -227,17 +234,20 @@ def report(args) -> None:
             print(f"| {r['trial']} | {r['state']} | {value:.4f} | {r['samples_seen']} | "
                   f"{r['seconds']:.1f} | {p['optim.lr']:.2e} | {p['scheduler.warmup_epochs']:.2f} | "
                   f"{p['trainer.accumulation_steps']} | {p['loader.prefetch_factor']} |")
-    if len(studies) == 2:
-        full, pruned = studies["none"], studies["median"]
+    def best_and_time(result):
+        done = [r for r in result["trials"] if r["state"] == "COMPLETE"]
+        return max(r["value"] for r in done), sum(r["seconds"] for r in result["trials"])
 
-        def best_and_time(result):
-            done = [r for r in result["trials"] if r["state"] == "COMPLETE"]
-            return max(r["value"] for r in done), sum(r["seconds"] for r in result["trials"])
-
-        (b_full, t_full), (b_pruned, t_pruned) = best_and_time(full), best_and_time(pruned)
-        print(f"\nbest without pruning {b_full:.4f} in {t_full:.0f} s of trials; with pruning "
-              f"{b_pruned:.4f} in {t_pruned:.0f} s: {100 * (b_full - b_pruned) / b_full:.2f}% "
-              f"below, {100 * t_pruned / t_full:.0f}% of the time")
+    for name in PRUNERS:
+        if "none" not in studies or name not in studies:
+            continue
+        (b_full, t_full), (b_pruned, t_pruned) = (best_and_time(studies["none"]),
+                                                  best_and_time(studies[name]))
+        n = min(len(studies["none"]["trials"]), len(studies[name]["trials"]))
+        print(f"\n{name}: best without pruning {b_full:.4f} in {t_full:.0f} s of trials; with "
+              f"pruning {b_pruned:.4f} in {t_pruned:.0f} s: "
+              f"{100 * (b_full - b_pruned) / b_full:.2f}% below, "
+              f"{100 * t_pruned / t_full:.0f}% of the time (trials: {n} compared)")
     if (out / "prefetch.json").exists():
         results = json.loads((out / "prefetch.json").read_text())
         print("\n| prefetch factor | median step (ms) | median data wait (ms) | data wait share | samples/s |")
@@ -252,8 +262,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("study")
-    p.add_argument("--pruner", choices=["none", "median", "hyperband"], default="median")
+    p.add_argument("--pruner", choices=["none", "median", "successive_halving", "hyperband"],
+                   default="median")
+    p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--n-trials", type=int, default=12)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds after which no new trial starts")
     p.add_argument("--startup", type=int, default=3, help="trials before pruning starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])

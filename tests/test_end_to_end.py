@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import mlflow
 import pytest
 import torch
 
+from conftest import free_port
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,14 +135,9 @@ def _mlflow_run(project_args: list[str], env: dict, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_mlflow_run_entry_points_and_the_ui_server(tmp_path):
-    """`mlflow run . -e train|evaluate|tune` exactly as the README says, then `mlflow server`
+    """`mlflow run . -e train|evaluate|tune` exactly as the README says, then `mlflow ui`
     on 127.0.0.1 lists the runs they made."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -168,9 +163,9 @@ def test_mlflow_run_entry_points_and_the_ui_server(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
 
-    port = _free_port()
+    port = free_port()  # the README's `mlflow ui --host 127.0.0.1`, on a free port
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
     )

@@ -27,16 +27,7 @@ from pipeline.tracking import TrackingConfig
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.train.trainer import train
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        mp.chdir(path)
-        yield path
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "mlflow_store")
 
 
 # ----------------------------------------------------------------------------- gradient groups

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
+from conftest import TINY_RUN
 from pipeline.config.loader import load_config
 from pipeline.data import build_datasets
 from pipeline.evaluation.model_eval import predict
@@ -22,29 +23,9 @@ from pipeline.train.checkpoint import load_checkpoint, read_entry, write_checkpo
 from pipeline.train.runtime import make_val_batches
 from pipeline.train.trainer import error_tag, train
 
-TINY = [
-    "data.n_train=8",
-    "data.n_val=2",
-    "data.max_length=28",
-    "trainer.micro_batch_size=4",
-    "trainer.epochs=2",
-    "trainer.val_max_structures=2",
-    "trainer.val_sampler_steps=2",
-    "tracking.system_metrics=false",
-]
+TINY = [*TINY_RUN, "tracking.system_metrics=false"]
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def store(tmp_path_factory):
-    """One sqlite store for the module (creating one takes seconds); tests tell their runs
-    apart by run id or run name."""
-    path = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        mp.chdir(path)
-        yield path
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "mlflow_store")
 
 
 def _config(tmp_path, *extra):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -164,18 +163,6 @@ def test_pareto_objective_with_a_time_budget(workdir):
 
 
 # ============================================================== PostgreSQL and worker processes
-@pytest.fixture
-def pg_url():
-    psycopg = pytest.importorskip("psycopg", reason="the dev extra installs psycopg")
-    name = f"diffold_test_{uuid.uuid4().hex[:10]}"
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
 def _pg_study(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
@@ -319,3 +306,32 @@ def test_missing_database_driver_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --storage"), err
     assert "secret" not in err  # the password is not echoed
+
+
+def test_successive_halving_cuts_on_the_samples_axis():
+    """With the synthetic set, the first rung is one validation interval of samples
+    (data.n_train x eval_every_epochs = 16): a report before it never prunes; at it, a trial
+    below the best 1/reduction_factor of those that reached it is pruned, a better one is not.
+    Decisions are Optuna's; the test checks that the configured rungs are where they belong."""
+    from pipeline.config.loader import load_config
+    from pipeline.tune.study import TuneConfig, _pruner
+
+    base = load_config(scenario="debug", overrides=["data.n_train=16"])
+    pruner = _pruner(TuneConfig(pruner="successive_halving", reduction_factor=3), base)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def report(value: float, samples: int) -> bool:
+        trial = study.ask()
+        trial.report(value, samples)
+        pruned = trial.should_prune()
+        study.tell(trial, state=TrialState.PRUNED) if pruned else study.tell(trial, value)
+        return pruned
+
+    assert not report(0.01, 8)  # before the first rung: never
+    for value in (0.9, 0.8, 0.7, 0.6, 0.5):
+        report(value, 16)
+    assert report(0.05, 16)  # worst at the rung
+    assert not report(0.95, 16)  # best at the rung

@@ -53,6 +53,7 @@ from pipeline.config.loader import (
 )
 from pipeline.config.schema import Config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.monitor.progress import TrialProgress
 from pipeline.tracking import build_tracker
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,19 @@ class TuneConfig:
         None, gt=0, help="give every trial this wall time (default: the same samples, epochs)"
     )
     sampler: Literal["tpe", "random"] = spec("tpe", help="Optuna sampler")
-    pruner: Literal["median", "hyperband", "none"] = spec("median", help="Optuna pruner")
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = spec(
+        "median",
+        help="Optuna pruner; successive_halving keeps the best 1/reduction_factor of the trials "
+        "at each rung (min_resource_samples, x reduction_factor, ...)",
+    )
     n_startup_trials: int = spec(2, ge=0, help="trials completed before pruning starts")
     min_resource_samples: int | None = spec(
-        None, ge=1, help="hyperband: samples seen before a first cut (default: one validation "
-        "interval of the synthetic set, data.n_train x trainer.eval_every_epochs)"
+        None, ge=1, help="hyperband, successive_halving: samples seen before a first cut "
+        "(default: one validation interval of the synthetic set, data.n_train x "
+        "trainer.eval_every_epochs)"
+    )
+    reduction_factor: int = spec(
+        3, ge=2, help="hyperband, successive_halving: rung spacing and 1/(share promoted)"
     )
     n_trials: int = spec(20, ge=1, help="trials when --n-trials is not given")
     heartbeat_interval_s: int = spec(
@@ -198,7 +207,13 @@ def _pruner(tune: TuneConfig, base: Config) -> optuna.pruners.BasePruner:
     min_samples = tune.min_resource_samples
     if min_samples is None and base.data.source == "synthetic":
         min_samples = base.data.n_train * base.trainer.eval_every_epochs
-    return optuna.pruners.HyperbandPruner(min_resource=min_samples or 1)
+    if tune.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_samples or 1, reduction_factor=tune.reduction_factor
+        )
+    return optuna.pruners.HyperbandPruner(
+        min_resource=min_samples or 1, reduction_factor=tune.reduction_factor
+    )
 
 
 class _WorkerLost:
@@ -418,12 +433,14 @@ def run_study(
 def _optimize(study, base, tune, root, parent_run_id, target, timeout) -> None:
     if _finished_trials(study) >= target:
         return
-    study.optimize(
-        _Objective(base, tune, root, parent_run_id, study.study_name),
-        timeout=timeout,
-        catch=(PipelineError, RuntimeError),
-        callbacks=[_StopAt(target)],
-    )
+    # A bar over this process's trials on a terminal (the trainer's step bar shows below it).
+    with TrialProgress(target - _finished_trials(study), desc=f"tune {study.study_name}") as bar:
+        study.optimize(
+            _Objective(base, tune, root, parent_run_id, study.study_name),
+            timeout=timeout,
+            catch=(PipelineError, RuntimeError),
+            callbacks=[_StopAt(target), bar],
+        )
 
 
 def _previous_parent(study: optuna.Study) -> str | None:
@@ -479,6 +496,7 @@ def _run_workers(n, base, tune_config, storage, study, root, parent_run_id, time
     for i in range(n):
         env = dict(os.environ)
         env.pop("MLFLOW_RUN_ID", None)  # workers log child runs, not into the parent
+        env["TQDM_DISABLE"] = "1"  # N processes' progress bars on one terminal would garble it
         if n_gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
         else:

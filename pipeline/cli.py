@@ -8,13 +8,15 @@ Exit codes: 0 success; 2 bad input (one line ``error: ...`` on stderr naming the
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DiskFullError, PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -82,7 +84,9 @@ def _add_config_args(p: argparse.ArgumentParser, *, scenario_default: str | None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pipeline", description="Diffold training pipeline")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bar"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -137,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="inspect a directory of structure files")
     p.add_argument("--check", required=True, metavar="PATH", help="directory or list file")
+
+    p = sub.add_parser(
+        "sync", help="send what a run could not send (an outage, tracking.offline) to MLflow"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<output_dir>/runs/...)")
     for p in sub.choices.values():  # -q/-v also after the sub-command
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -246,7 +255,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data}
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pipeline.tracking.mlflow_tracker import check_reachable, tracking_uri
+    from pipeline.tracking.spool import sync
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError(f"sync {run_dir}: no such run directory")
+    check_reachable(tracking_uri())
+    print(sync(run_dir, tracking_uri()))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data,
+    "sync": cmd_sync,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,9 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        # Its retry warnings during a tracking outage: the tracker reports the outage itself.
+        logging.getLogger("urllib3.connectionpool").setLevel(max(level, logging.ERROR))
         return COMMANDS[args.command](args)
-    except NonFiniteStop as exc:
+    except (NonFiniteStop, DiskFullError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {exc.filename or 'a file'}: no space left on device", file=sys.stderr)
         return 1
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

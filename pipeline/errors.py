@@ -23,3 +23,8 @@ class DataError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint that is missing, corrupt, or does not fit the configured model."""
+
+
+class DiskFullError(Exception):
+    """The disk filled up during a run. Not bad input (exit 1), but a clean stop: the run
+    ends FAILED with this one line, and the last good checkpoint is kept for a resume."""

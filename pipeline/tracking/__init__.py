@@ -34,6 +34,15 @@ class TrackingConfig:
     register_model: str | None = spec(
         None, help="register the logged model under this name in the MLflow model registry"
     )
+    offline: bool = spec(
+        False,
+        help="log to a store in the run directory (<run_dir>/tracking/offline.db) instead of "
+        "the tracking server; `python -m pipeline sync RUN_DIR` uploads the run later",
+    )
+    max_buffered_points: int = spec(
+        100_000, ge=100, help="metric points kept in memory while the tracking server cannot "
+        "be reached; beyond that they are spooled to <run_dir>/tracking/ (never dropped)"
+    )
 
     def validate(self) -> list[str]:
         if self.register_model is not None and not self.register_model.strip():
@@ -49,6 +58,14 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def unsent_points(self) -> list[list]:
+        """Metric points logged but not known to be sent, ``[key, value, timestamp, step]``."""
+        ...
+
+    def resend(self, points: list[list]) -> None:
+        """Queue points that :meth:`unsent_points` gave (to an earlier process of the run)."""
+        ...
 
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
@@ -88,6 +105,12 @@ class NullTracker:
     def log_metrics(self, metrics, step):
         pass
 
+    def unsent_points(self):
+        return []
+
+    def resend(self, points):
+        pass
+
     def set_tags(self, tags):
         pass
 
@@ -121,12 +144,16 @@ def build_tracker(
     parent_run_id: str | None = None,
     tags: dict[str, Any] | None = None,
     enabled: bool = True,
+    spool_dir: Path | None = None,
 ) -> Tracker:
-    """A tracker for one run: ``run_id`` resumes an existing run, otherwise one is created."""
+    """A tracker for one run: ``run_id`` resumes an existing run, otherwise one is created.
+    ``spool_dir`` (the run's ``tracking/`` folder) holds what could not be sent, and the
+    offline store."""
     if not (cfg.enabled and enabled):
         return NullTracker()
     from pipeline.tracking.mlflow_tracker import MlflowTracker
 
     return MlflowTracker(
-        cfg, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id, tags=tags or {}
+        cfg, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id, tags=tags or {},
+        spool_dir=spool_dir,
     )

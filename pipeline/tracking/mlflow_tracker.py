@@ -5,7 +5,12 @@ mode still ~1 ms per call on the enqueue (measured on the GPU machine); a traini
 ~30 ms. So ``log_metrics`` here only appends to a list under a lock (microseconds) and a worker
 thread sends everything buffered with ``MlflowClient.log_batch`` every ``flush_interval_s``.
 Artifact uploads (checkpoints, reports) go through the same worker, in order, off the training
-thread. A failed send is kept and retried on the next round, never dropped. Checkpoints are
+thread. A failed send is kept and retried on the next round, never dropped: beyond
+``max_buffered_points`` (a long outage of the tracking server) the points are spooled to
+``<run_dir>/tracking/`` and sent first when the server answers again; what is still unsent when
+the run ends stays there for ``python -m pipeline sync RUN_DIR`` (:mod:`~pipeline.tracking.spool`).
+A resumed run sends no point for a step its MLflow history already has (the steps re-run after
+a kill), so the history has one value per step. Checkpoints are
 uploaded under fixed names (``checkpoints/last.pt``, ``checkpoints/best.pt``), each newer one
 overwriting the last, and a failed checkpoint upload waits for the next checkpoint. The same
 worker samples what MLflow's system metrics lack on GPUs (temperature, SM clock, throttle
@@ -14,6 +19,7 @@ reasons: :class:`~pipeline.monitor.system.GpuSampler`) every ``system_interval_s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -21,7 +27,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import CheckpointError, PipelineError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.monitor.system import GpuSampler
 from pipeline.tracking import TrackingConfig
+from pipeline.tracking.spool import Spool, offline_uri, run_task
 from pipeline.train.checkpoint import read_checksum, write_checksum
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server (``http(s)://``) must answer before a run starts; a one-line
+    :class:`PipelineError` otherwise. Any HTTP answer counts (an auth proxy's 401 too)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise PipelineError(
+            f"MLFLOW_TRACKING_URI: tracking server {uri} cannot be reached ({reason}); start it "
+            "or fix the URI, or set tracking.offline=true to log into the run directory and "
+            "upload later with `python -m pipeline sync RUN_DIR`"
+        ) from None
+    # MLflow's own retries (7, exponential backoff) would hold the worker for minutes per
+    # call in an outage; the worker retries by itself. The user's settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
 class MlflowTracker:
     """One MLflow run. ``run_id`` resumes it (as ``mlflow run`` or ``--resume`` do)."""
 
@@ -58,10 +87,21 @@ class MlflowTracker:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         tags: dict[str, Any],
+        spool_dir: Path | None = None,
     ):
         self.cfg = cfg
-        self.uri = tracking_uri()
+        if cfg.offline:
+            if spool_dir is None:
+                raise ConfigError("tracking.offline: only `train` runs can log offline")
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            self.uri = offline_uri(spool_dir)
+        else:
+            self.uri = tracking_uri()
+            check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
+        self._spool_dir = spool_dir
+        self.spool: Spool | None = None
+        self._logged_upto: dict[str, int] = {}  # resumed run: newest step of each metric
         if run_id:
             try:
                 run = self.client.get_run(run_id)
@@ -70,7 +110,9 @@ class MlflowTracker:
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
-            self.set_tags(tags)
+            self._set_tags_now(tags)
+            self.spool = Spool(spool_dir, run_id, self.uri) if spool_dir else None
+            self._resume_history()
         else:
             all_tags = {"mlflow.runName": run_name, **tags}
             if parent_run_id:
@@ -79,9 +121,11 @@ class MlflowTracker:
                 self._experiment_id(), run_name=run_name, tags=_str_values(all_tags)
             )
             self.run_id = run.info.run_id
+            self.spool = Spool(spool_dir, self.run_id, self.uri) if spool_dir else None
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         self._metrics: list[Metric] = []
-        self._tasks: list[Callable[[], None]] = []
+        self._in_flight: list[Metric] = []  # taken by the worker, not known to be sent yet
+        self._tasks: list[tuple] = []  # ("tags", dict) | ("text", ...) | ("artifact", ...)
         # Checkpoints staged for upload, by artifact name; sent when a new one arrives.
         self._checkpoints: dict[str, Path] = {}
         self._checkpoints_due = False
@@ -90,6 +134,9 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._last_error = ""
+        self._rounds = 0  # worker rounds done (close waits for one more, not for a dead server)
+        self._closing = False
         self._last_step = 0  # GPU samples are logged at the newest training step seen
         self._gpu = GpuSampler.start() if cfg.system_metrics else None
         self._next_gpu_sample = 0.0
@@ -115,22 +162,39 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        step = int(step)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if step > self._logged_upto.get(k, -1)]
         with self._lock:
             self._metrics.extend(batch)
             self._last_step = max(self._last_step, int(step))
 
+    def unsent_points(self) -> list[list]:
+        """Metric points not known to be in MLflow yet, as ``[key, value, timestamp, step]``:
+        a checkpoint keeps them, so that a kill before they are sent loses none."""
+        with self._lock:
+            return [[m.key, m.value, m.timestamp, m.step] for m in self._in_flight + self._metrics]
+
+    def resend(self, points: list[list]) -> None:
+        """Points a checkpoint kept (:meth:`unsent_points`), queued ahead of new ones; those
+        the run's history already has (sent before the process died) are skipped."""
+        todo = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in points
+                if int(s) > self._logged_upto.get(k, -1)]
+        with self._lock:
+            self._metrics[:0] = todo
+        if todo:
+            log.info("tracking: %d metric points kept by the checkpoint queued for sending",
+                     len(todo))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(k, v) for k, v in _str_values(tags).items()]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        """Sent by the worker, in order with metrics and artifacts: never waits on the network."""
+        self._submit(("tags", _str_values(tags)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = str(path)
-        self._submit(lambda: self.client.log_artifact(self.run_id, path, artifact_path))
+        self._submit(("artifact", str(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._submit(lambda: self.client.log_text(self.run_id, text, artifact_file))
+        self._submit(("text", text, artifact_file))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         # Render on the caller's thread (matplotlib is not thread-safe); upload in the worker.
@@ -171,25 +235,39 @@ class MlflowTracker:
         example, and Diffold takes a dict batch. Requirements are given rather than inferred
         (inference loads the model in a subprocess, ~5 s). Synchronous, after a flush, so that
         the run's metrics at ``step`` are there to be linked to the model."""
+        self.flush()
+        if self._failures:
+            log.warning("tracking: model not logged (%s is not answering); its weights are in "
+                        "the run's checkpoints", self.uri)
+            return
+        try:
+            self._log_model(model, name, step=step, registered_model_name=registered_model_name)
+        except Exception as exc:  # the server is down at the end of the run: keep the run
+            log.warning("tracking: model not logged (%s: %s); its weights are in the run's "
+                        "checkpoints", type(exc).__name__, str(exc).splitlines()[0][:200])
+
+    def _log_model(
+        self, model: Any, name: str, *, step: int, registered_model_name: str | None
+    ) -> None:
         import mlflow.pytorch
 
-        self.flush()
         # Created here so that the model belongs to the run's experiment with no active
-        # (global) MLflow run. log_model resolves the store itself: MLFLOW_TRACKING_URI, else
-        # sqlite:///mlflow.db, as tracking_uri() does.
+        # (global) MLflow run. log_model is fluent API: it resolves MLFLOW_TRACKING_URI (else
+        # sqlite:///mlflow.db) as tracking_uri() does, except for an offline run's store.
         logged = self.client.create_logged_model(
             self.experiment_id, name=name, source_run_id=self.run_id
         )
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            model_id=logged.model_id,
-            run_id=self.run_id,
-            step=step,
-            serialization_format="pickle",
-            pip_requirements=_model_requirements(),
-            registered_model_name=registered_model_name,
-        )
+        with _fluent_tracking_uri(self.uri):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                model_id=logged.model_id,
+                run_id=self.run_id,
+                step=step,
+                serialization_format="pickle",
+                pip_requirements=_model_requirements(),
+                registered_model_name=registered_model_name,
+            )
         registered = (
             f", registered as {registered_model_name} version {info.registered_model_version}"
             if registered_model_name
@@ -199,18 +277,21 @@ class MlflowTracker:
                  name, registered)
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Send everything buffered so far; waits up to ``timeout`` seconds."""
+        """Send everything buffered so far; waits up to ``timeout`` seconds, or for one more
+        round while the server is not answering."""
         deadline = time.monotonic() + timeout
+        rounds = self._rounds
         while time.monotonic() < deadline:
             with self._lock:
                 idle = not (self._busy or self._metrics or self._tasks or self._checkpoints_due)
-            if idle:
-                return
+            if idle or (self._failures and self._rounds > rounds):
+                break
             self._wake.set()
             time.sleep(0.02)
         with self._lock:
             pending = len(self._metrics), len(self._tasks) + len(self._checkpoints)
-        log.warning("tracking: %d metric points and %d uploads still pending", *pending)
+        if any(pending) and not (self._closing or self._failures):
+            log.warning("tracking: %d metric points and %d uploads still pending", *pending)
 
     def close(self, status: str = "FINISHED") -> None:
         if self._system is not None:
@@ -218,19 +299,39 @@ class MlflowTracker:
             self._system = None
         with self._lock:  # a last try for checkpoint uploads that failed
             self._checkpoints_due = bool(self._checkpoints)
+            self._closing = True
         self.flush()
         self._stop.set()
         self._wake.set()
-        self._worker.join(timeout=10)
+        self._worker.join(timeout=30)
         if self._gpu is not None:
             self._gpu.close()
             self._gpu = None
         with self._lock:
             unsent, self._checkpoints = self._checkpoints, {}
+            metrics, self._metrics = self._metrics, []
+            tasks, self._tasks = self._tasks, []
         for name, stage in unsent.items():
             log.warning("tracking: checkpoints/%s was not uploaded; it is on local disk only", name)
             shutil.rmtree(stage, ignore_errors=True)
-        self.client.set_terminated(self.run_id, status=status)
+        spooled = self.spool is not None and self.spool.metrics_path.is_file()
+        if not (metrics or tasks or spooled):
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+                return
+            except Exception as exc:
+                log.warning("tracking: cannot set the run's status (%s)", type(exc).__name__)
+        if self.spool is None:
+            log.warning("tracking: %d metric points and %d tags/artifacts could not be sent to "
+                        "%s and are lost", len(metrics), len(tasks), self.uri)
+            return
+        self.spool.append_metrics(metrics)
+        self.spool.save_tasks(tasks, status)
+        log.warning(
+            "tracking: %s could not be reached at the end of the run; what it lacks is kept in "
+            "%s: send it with `python -m pipeline sync %s`",
+            self.uri, self.spool.directory, self.spool.directory.parent,
+        )
 
     # ---------------------------------------------------------------- internals
     def _experiment_id(self) -> str:
@@ -248,7 +349,33 @@ class MlflowTracker:
         except MlflowException:
             self.client.set_tag(self.run_id, f"resumed.{param.key}", param.value)
 
-    def _submit(self, task: Callable[[], None]) -> None:
+    def _set_tags_now(self, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, v) for k, v in _str_values(tags).items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def _resume_history(self) -> None:
+        """Send what an earlier process of this run spooled, then note each metric's newest
+        step: points at or before it are the re-run steps of a resume and are not sent."""
+        if self.spool is not None and self.spool.has_anything():
+            try:
+                sent = self.spool.send_metrics(self.client)
+                tasks, _ = self.spool.pending_tasks()
+                for task in tasks:
+                    run_task(self.client, self.run_id, task)
+                self.spool.clear_tasks()
+                log.info("tracking: sent %d metric points and %d tags/artifacts kept by an "
+                         "earlier process of this run", sent, len(tasks))
+            except Exception as exc:
+                log.warning("tracking: points kept in %s not sent yet (%s)",
+                            self.spool.directory, type(exc).__name__)
+        run = self.client.get_run(self.run_id)
+        self._logged_upto = {m.key: m.step for m in run.data._metric_objs}
+        if self.spool is not None:
+            for m in self.spool.read_metrics():
+                self._logged_upto[m.key] = max(m.step, self._logged_upto.get(m.key, -1))
+
+    def _submit(self, task: tuple) -> None:
         with self._lock:
             self._tasks.append(task)
         self._wake.set()
@@ -267,6 +394,7 @@ class MlflowTracker:
             self._upload_checkpoints()
             with self._lock:
                 self._busy = False
+            self._rounds += 1
             if self._stop.is_set():
                 return
 
@@ -288,24 +416,44 @@ class MlflowTracker:
         with self._lock:
             metrics, self._metrics = self._metrics, []
             tasks, self._tasks = self._tasks, []
+            self._in_flight = metrics
         sent = 0
         try:
+            if self.spool is not None and self.spool.metrics_path.is_file():
+                self.spool.send_metrics(self.client)  # older than the buffer: first
             while sent < len(metrics):
                 chunk = metrics[sent : sent + _BATCH_LIMIT]
                 self.client.log_batch(self.run_id, metrics=chunk)
                 sent += len(chunk)
             while tasks:
-                tasks[0]()
+                run_task(self.client, self.run_id, tasks[0])
                 tasks.pop(0)
+            with self._lock:
+                self._in_flight = []
+            if self._failures:
+                log.warning("tracking: %s answers again; sending resumed", self.uri)
             self._failures = 0
         except Exception as exc:  # network, server or store errors: keep and retry later
             self._failures += 1
-            if self._failures == 1 or self._failures % 50 == 0:
-                log.warning("tracking: send failed (%s); will retry", exc)
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            if self._failures == 1 or self._failures % 50 == 0 or first != self._last_error:
+                log.warning("tracking: send failed (%s: %s); kept and retried",
+                            type(exc).__name__, first)
+            self._last_error = first
             with self._lock:
                 self._metrics[:0] = metrics[sent:]
+                self._in_flight = []
                 self._tasks[:0] = tasks
-            time.sleep(min(5.0, 0.2 * self._failures))
+                spill = (self.spool is not None
+                         and len(self._metrics) > self.cfg.max_buffered_points)
+                if spill:
+                    spilled, self._metrics = self._metrics, []
+            if spill:
+                self.spool.append_metrics(spilled)
+                log.warning("tracking: %d unsent metric points spooled to %s",
+                            len(spilled), self.spool.metrics_path)
+            if not self._closing:
+                self._stop.wait(min(5.0, 0.2 * self._failures))
 
     def _upload_checkpoints(self) -> None:
         with self._lock:
@@ -340,6 +488,29 @@ class MlflowTracker:
         except Exception as exc:  # psutil/NVML unavailable: warn once, keep training
             log.warning("tracking: system metrics unavailable (%s)", exc)
             self._system = None
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str):
+    """MLflow's fluent API pointed at ``uri`` for a moment; the global URI and the
+    ``MLFLOW_TRACKING_URI`` variable are restored exactly (MLflow's own ``_use_tracking_uri``
+    unsets the variable when no global URI was set)."""
+    if uri == tracking_uri():
+        yield
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = old_global
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def download_checkpoint(run_id: str, directory: Path) -> Path:

@@ -10,11 +10,13 @@ background thread.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.data.cache import content_hash
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,15 @@ def _to_tuples(value):
 # ------------------------------------------------------------------------------ file I/O
 def _fsync_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -110,20 +116,34 @@ def write_checksum(path: Path, digest: str) -> None:
     _fsync_write(checksum_path(path), f"{digest}  {path.name}\n".encode())
 
 
-def write_checkpoint(path: Path, state: dict) -> None:
+def write_checkpoint(path: Path, state: dict, *, delay_s: float = 0.0) -> None:
     """Serialise ``state`` to ``path`` atomically, then its checksum file.
 
     ``torch.save`` writes straight to a temporary file and the checksum is computed by reading
     it back in chunks: no in-memory copies of the whole checkpoint, and less time holding the
-    GIL in the writer thread (which slows the training thread beside it).
+    GIL in the writer thread (which slows the training thread beside it). A failed write (a
+    full disk) removes its temporary file and leaves the earlier checkpoints as they were.
+    ``delay_s`` is fault injection: the write waits that long before the rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    digest = content_hash(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            try:
+                torch.save(state, fh)
+            except RuntimeError as exc:  # torch's writer hides the OSError (a full disk) here
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = content_hash(tmp)
+        if delay_s:
+            time.sleep(delay_s)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     write_checksum(path, digest)
 
@@ -251,14 +271,18 @@ class CheckpointManager:
         *,
         keep_last: int = 2,
         on_written: Callable[[Path], None] | None = None,
+        write_delay_s: float = 0.0,
     ):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.on_written = on_written
+        self.write_delay_s = write_delay_s
         self._snapshot = HostSnapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last_path: Path | None = None
+        self._failed_path: Path | None = None
+        self.last_path: Path | None = None  # the newest step checkpoint asked for
+        self.last_good: Path | None = None  # the newest step checkpoint completely written
 
     def save(
         self, state: dict, step: int, *, blocking: bool = False, name: str | None = None
@@ -271,6 +295,7 @@ class CheckpointManager:
             self.last_path = path
         if blocking:
             self._write(path, state)
+            self.wait()  # its error, now
         else:
             self._thread = threading.Thread(
                 target=self._write, args=(path, state), name="checkpoint-writer", daemon=False
@@ -284,17 +309,25 @@ class CheckpointManager:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                good = self.last_good or find_latest(self.directory)
+                raise DiskFullError(
+                    f"checkpoint {self._failed_path}: no space left on device; the last good "
+                    f"checkpoint is {good or 'none'} (free space, then `train --resume auto`)"
+                ) from error
             raise error
 
     def _write(self, path: Path, state: dict) -> None:
         try:
             self._snapshot.ready()
-            write_checkpoint(path, state)
+            write_checkpoint(path, state, delay_s=self.write_delay_s)
+            if _STEP_FILE.match(path.name):
+                self.last_good = path
             self._prune()
             if self.on_written is not None:
                 self.on_written(path)
         except BaseException as exc:  # surfaced to the training thread by wait()
-            self._error = exc
+            self._error, self._failed_path = exc, path
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.directory.glob("step-*.pt") if _STEP_FILE.match(p.name))

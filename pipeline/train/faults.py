@@ -31,6 +31,10 @@ class FaultsConfig:
     slow_batch_at_steps: list[int] = spec([], ge=1, help="delay the batch of these steps")
     slow_batch_seconds: float = spec(1.0, gt=0, help="delay of an injected slow batch")
     sigterm_at_step: int | None = spec(None, ge=1, help="send SIGTERM to this process at step")
+    checkpoint_write_delay_s: float = spec(
+        0.0, ge=0, help="hold every checkpoint write this long with its temporary file written "
+        "but not renamed (a window for kill-during-write tests)"
+    )
 
 
 class FaultInjector:

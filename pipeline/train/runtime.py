@@ -233,7 +233,9 @@ def free_memory(device: torch.device) -> None:
 # ---------------------------------------------------------------------------- run and tracking
 def check_output_dir(cfg: Config) -> None:
     """Fail before any work (and before an MLflow run exists) when ``output_dir`` cannot be
-    created or written: a probe file is created and removed."""
+    created or written (a probe file is created and removed), or has too little free space for
+    the checkpoints the run keeps: ``trainer.keep_last`` of them, ``best.pt`` and one being
+    written (:func:`checkpoint_bytes`)."""
     root = Path(cfg.output_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -242,6 +244,26 @@ def check_output_dir(cfg: Config) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"output_dir: cannot write to {root} ({reason})") from None
+    each = checkpoint_bytes(cfg)
+    need = (cfg.trainer.keep_last + 2) * each
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ConfigError(
+            f"output_dir: {free / 1e6:.1f} MB free at {root}; the run's checkpoints need about "
+            f"{need / 1e6:.1f} MB ({cfg.trainer.keep_last} kept + best.pt + one being written, "
+            f"{each / 1e6:.1f} MB each)"
+        )
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """About the size of one checkpoint: fp32 weights plus the optimizer's per-weight state
+    (AdamW two moments, Lion and SGD one), counted on a model built on the meta device."""
+    from pipeline.model.diffold import Diffold, count_parameters
+
+    with torch.device("meta"):  # no memory, no initialisation, no RNG draws
+        n_params = count_parameters(Diffold(cfg.model))
+    states = {"adamw": 2, "lion": 1, "sgd": 1}[cfg.optim.name]
+    return 4 * n_params * (1 + states)
 
 
 def new_run_dir(cfg: Config, ctx: Runtime) -> Path:
@@ -328,6 +350,7 @@ def build_run_tracker(
     run_id: str | None,
     parent_run_id: str | None,
     extra_tags: dict[str, Any],
+    run_dir: Path | None = None,
 ) -> Tracker:
     tags = {
         "scenario": cfg.scenario or "custom",
@@ -347,6 +370,7 @@ def build_run_tracker(
         parent_run_id=parent_run_id,
         tags=tags,
         enabled=ctx.rank == 0,
+        spool_dir=run_dir / "tracking" if run_dir is not None else None,
     )
 
 

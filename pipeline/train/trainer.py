@@ -22,12 +22,14 @@ import torch
 
 from pipeline.config.loader import model_hash, to_dict
 from pipeline.config.schema import Config
-from pipeline.errors import CheckpointError, PipelineError
+from pipeline.errors import CheckpointError, DiskFullError, PipelineError
 from pipeline.model import build_model
 from pipeline.monitor.grads import grad_norms_by_group, module_groups
 from pipeline.monitor.health import HealthMonitor, report_markdown
 from pipeline.monitor.perf import PhaseTimer, StepTimer, memory_metrics
 from pipeline.monitor.plots import HealthPlotWriter
+from pipeline.monitor.progress import StepProgress
+from pipeline.monitor.run_report import HISTORY_PREFIXES, host_memory_metrics, write_run_report
 from pipeline.train import runtime
 from pipeline.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from pipeline.train.faults import FaultInjector
@@ -87,6 +89,10 @@ def train(
     another machine); with ``resume`` a path, from that checkpoint.
     """
     runtime.check_output_dir(config)
+    if config.tracking.enabled and not config.tracking.offline:
+        from pipeline.tracking.mlflow_tracker import check_reachable, tracking_uri
+
+        check_reachable(tracking_uri())  # before any work: one line, no run created
     ctx = runtime.setup(config)
     checkpoint = _find_resume_checkpoint(config, resume, continue_run=continue_run, ctx=ctx)
     trainer = Trainer(
@@ -204,20 +210,25 @@ class Trainer:
             run_dir = runtime.new_run_dir(cfg, ctx)
         self.run_dir = run_dir
         self.tracker = runtime.build_run_tracker(
-            cfg, ctx, run_id=run_id, parent_run_id=parent_run_id, extra_tags=extra_tags
+            cfg, ctx, run_id=run_id, parent_run_id=parent_run_id, extra_tags=extra_tags,
+            run_dir=run_dir,
         )
         self.checkpoints = CheckpointManager(
             run_dir / "checkpoints",
             keep_last=cfg.trainer.keep_last,
             on_written=self._upload_checkpoint if cfg.tracking.log_checkpoints else None,
+            write_delay_s=cfg.faults.checkpoint_write_delay_s,
         )
         self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
         self.plots = HealthPlotWriter(
             run_dir / "plots" / "health.png",
             on_written=lambda path: self.tracker.log_artifact(path, "plots"),
         )
+        self.progress = StepProgress(self.total_steps, initial=self.step)  # drawn on a TTY only
         if checkpoint is None and ctx.rank == 0:
             runtime.log_run_inputs(self.tracker, cfg, run_dir, self.data_stats)
+        elif checkpoint is not None:
+            self.tracker.resend(checkpoint.get("tracking_unsent", []))
         log.info(
             "run %s: %d steps/epoch, %d optimizer steps in all, output %s",
             self.tracker.run_id or "(untracked)",
@@ -230,7 +241,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         status = "FAILED"
         try:
-            with self._signal_handlers():
+            with self._signal_handlers(), self.progress:
                 while not self.should_stop():
                     self.train_epoch()
                     self.end_epoch()
@@ -329,9 +340,12 @@ class Trainer:
         if self.should_log() or fired:
             self._log_step(loss_value, terms, grad_norm_value, group_norms, lr, step_s, data_wait,
                            window)
+        self.progress.update(step, loss=loss_value, lr=lr, health=self.health.overall_status,
+                             samples_per_s=n_structures * self.ctx.world_size / step_s)
         self.phases.mark()  # end of logging (health checks, timers, metrics)
         for timed_step, times in self.phases.ready():  # CUDA: steps whose events completed
             self.tracker.log_metrics(times, step=timed_step)
+            self._remember(times, step=timed_step)
 
     def after_step(self) -> None:
         self.faults.after_step(self.step)
@@ -603,6 +617,7 @@ class Trainer:
             **{f"train/loss/{k}": float(v) for k, v in terms.items()},
             **{f"recovery/{k}": float(v) for k, v in self.counts.items()},
             **memory_metrics(self.device),
+            **host_memory_metrics(),
         }
         if "perf/gpu_mem_allocated_gib" in metrics:
             self.health.record(self.step, gpu_mem_gib=metrics["perf/gpu_mem_allocated_gib"])
@@ -617,7 +632,7 @@ class Trainer:
         if self.health.cfg.enabled:
             metrics.update(self.health.metrics())
         self.tracker.log_metrics(metrics, step=self.step)
-        self._remember({k: metrics[k] for k in ("train/loss", "train/lr", "train/grad_norm")})
+        self._remember({k: v for k, v in metrics.items() if k.startswith(HISTORY_PREFIXES)})
         log.info(
             "step %d/%d loss %.4f lr %.3g grad %.3g %.0f ms",
             self.step,
@@ -628,9 +643,10 @@ class Trainer:
             1000 * step_s,
         )
 
-    def _remember(self, metrics: dict[str, float]) -> None:
+    def _remember(self, metrics: dict[str, float], step: int | None = None) -> None:
+        step = self.step if step is None else step
         for key, value in metrics.items():
-            self.history.setdefault(key, []).append((self.step, float(value)))
+            self.history.setdefault(key, []).append((step, float(value)))
 
     # ================================================================== checkpoints
     def _state(self) -> dict:
@@ -655,6 +671,8 @@ class Trainer:
             "config": to_dict(self.cfg),
             "run_id": self.tracker.run_id,
             "run_dir": str(self.run_dir),
+            # Logged but not yet in MLflow: a resume sends them (the re-run steps come after).
+            "tracking_unsent": self.tracker.unsent_points(),
         }
 
     def save_checkpoint(self, *, blocking: bool = False, name: str | None = None) -> None:
@@ -692,7 +710,7 @@ class Trainer:
 
     def _save_on_failure(self, exc: BaseException) -> None:
         """A failing run checkpoints first (unless the weights themselves are bad)."""
-        if isinstance(exc, (NonFiniteStop, KeyboardInterrupt)) or self.step == 0:
+        if isinstance(exc, (NonFiniteStop, KeyboardInterrupt, DiskFullError)) or self.step == 0:
             return
         try:
             self.checkpoints.wait()
@@ -715,15 +733,15 @@ class Trainer:
         self.checkpoints.wait()
         for timed_step, times in self.phases.ready(wait=True):
             self.tracker.log_metrics(times, step=timed_step)
+            self._remember(times, step=timed_step)
         elapsed = time.monotonic() - self._started
-        self.tracker.log_metrics(
-            {
-                "perf/checkpoint_stall_total_s": self.checkpoint_stall_s,
-                "perf/checkpoint_stall_share": self.checkpoint_stall_s / max(elapsed, 1e-9),
-                "perf/train_wall_s": elapsed,
-            },
-            step=self.step,
-        )
+        end_metrics = {
+            "perf/checkpoint_stall_total_s": self.checkpoint_stall_s,
+            "perf/checkpoint_stall_share": self.checkpoint_stall_s / max(elapsed, 1e-9),
+            "perf/train_wall_s": elapsed,
+        }
+        self.tracker.log_metrics(end_metrics, step=self.step)
+        self._remember(end_metrics)
         self._log_health_report()
         self.plots.wait()  # matplotlib's text layout is not thread-safe: one figure at a time
         runtime.log_training_plot(self.tracker, self.history)
@@ -792,6 +810,7 @@ class Trainer:
         if status == "FINISHED" and self._stop_reason == "pruned":
             status = "KILLED"
         try:
+            write_run_report(self, status)  # plots/*.png and summary.md; never raises
             self.plots.wait()
             self.checkpoints.wait()
         finally:

@@ -192,6 +192,24 @@ def test_mlflow_run_entry_points_and_the_ui_server(tmp_path):
         server.wait(timeout=30)
 
 
+def test_mlflow_run_of_the_main_job_with_the_balanced_scenario(tmp_path):
+    """The README's main job, `mlflow run . -e train -P scenario=balanced --env-manager local`,
+    on a CPU-sized slice of the shipped synthetic data (one epoch of 16 structures): the
+    balanced scenario's loader worker processes, step checkpoints and health checks run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    overrides = (f"data.n_train=16 data.n_val=2 data.max_length=32 trainer.val_max_structures=2 "
+                 f"trainer.val_sampler_steps=4 output_dir={tmp_path / 'out'}")
+    _mlflow_run(["-e", "train", "-P", "scenario=balanced", "-P", "epochs=1",
+                 "-P", f"overrides={overrides}"], env, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["scenario"] == "balanced"
+    assert run.data.params["loader.num_workers"] == "2"
+    assert "val/lddt" in run.data.metrics
+
+
 def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun with two gloo processes: one MLflow run, metrics reduced across ranks."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -210,6 +210,28 @@ def test_mlflow_run_of_the_main_job_with_the_balanced_scenario(tmp_path):
     assert "val/lddt" in run.data.metrics
 
 
+def test_mlflow_run_trains_on_a_directory_of_real_structure_files(tmp_path, rna_puzzles):
+    """`mlflow run . -e train -P scenario=debug -P overrides="data.source=files data.path=DIR"`
+    on the 18 RNA-Puzzles natives: every file is read, the run trains and validates."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    natives = rna_puzzles / "natives"
+    overrides = (f"data.source=files data.path={natives} trainer.val_max_structures=2 "
+                 f"trainer.val_sampler_steps=4 output_dir={tmp_path / 'out'}")
+    _mlflow_run(["-e", "train", "-P", "scenario=debug", "-P", "epochs=1",
+                 "-P", f"overrides={overrides}"], env, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.source"] == "files"
+    stats = json.loads(Path(client.download_artifacts(run.info.run_id, "data/stats.json",
+                                                      str(tmp_path))).read_text())
+    n_files = len([p for p in natives.iterdir() if p.suffix in (".pdb", ".cif")])
+    assert stats["files_found"] == stats["structures_used"] == n_files == 18
+    assert stats["n_train"] + stats["n_val"] == n_files and stats["n_val"] >= 1
+    assert "val/lddt" in run.data.metrics
+
+
 def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun with two gloo processes: one MLflow run, metrics reduced across ranks."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

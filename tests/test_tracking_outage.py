@@ -22,10 +22,10 @@ import requests
 
 from conftest import free_port
 
-STEPS = 96  # 16 structures / micro-batch 2 x 12 epochs
+STEPS = 128  # 16 structures / micro-batch 2 x 16 epochs: ~50 s, room for a slow restart
 RUN = [
     "data.n_train=16", "data.n_val=2", "data.max_length=28", "trainer.micro_batch_size=2",
-    "trainer.epochs=12", "trainer.val_max_structures=2", "trainer.val_sampler_steps=2",
+    "trainer.epochs=16", "trainer.val_max_structures=2", "trainer.val_sampler_steps=2",
     "tracking.system_metrics=false", "tracking.log_every_steps=1",
     "tracking.flush_interval_s=0.5", "tracking.max_buffered_points=200",
     # Steps of ~0.3 s, so that an outage of seconds falls in the middle of the run.
@@ -120,7 +120,7 @@ def test_outages_mid_run_and_at_the_end_lose_no_metric_point(tmp_path, server):
        could not send in `<run_dir>/tracking/`, and says to run `python -m pipeline sync`;
        after the server is back, `sync` sends it.
 
-    Afterwards the run has `train/loss` at every step 1..96 exactly once, its validation
+    Afterwards the run has `train/loss` at every step 1..128 exactly once, its validation
     points, its health report and status FINISHED."""
     out = tmp_path / "out"
     out.mkdir()
@@ -171,7 +171,7 @@ def test_outages_mid_run_and_at_the_end_lose_no_metric_point(tmp_path, server):
     assert run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id, "train/loss") == list(range(1, STEPS + 1))
     assert _steps(client, run.info.run_id, "train/lr") == list(range(1, STEPS + 1))
-    assert len(_steps(client, run.info.run_id, "val/lddt")) == 12
+    assert len(_steps(client, run.info.run_id, "val/lddt")) == 16
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "health")}
     assert "health/report.md" in artifacts
     assert run.data.tags.get("status") == "finished"
@@ -201,7 +201,7 @@ def test_offline_run_is_uploaded_by_sync(tmp_path):
     out.mkdir()
     log_path = tmp_path / "train.log"
     proc = _train(out, f"http://127.0.0.1:{free_port()}", log_path, "tracking.offline=true",
-                  "trainer.epochs=2", "faults.slow_batch_at_steps=[]")
+                  "trainer.epochs=2", "faults.slow_batch_at_steps=[]")  # 16 steps
     assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
     (run_dir,) = (out / "runs").iterdir()
     target = f"sqlite:///{tmp_path / 'central.db'}"

@@ -37,14 +37,18 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.monitor.system import GpuSampler
 from pipeline.tracking import TrackingConfig
-from pipeline.tracking.spool import Spool, offline_uri, run_task
+from pipeline.tracking.spool import (
+    BATCH_LIMIT,
+    PARAM_BATCH_LIMIT,
+    Spool,
+    offline_uri,
+    run_task,
+)
 from pipeline.train.checkpoint import read_checksum, write_checksum
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-_BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
-_PARAM_BATCH_LIMIT = 100
 _PARAM_VALUE_LIMIT = 6000
 _DISTRIBUTION = "diffold-pipeline"  # this package's name on pip (pyproject.toml)
 
@@ -99,8 +103,6 @@ class MlflowTracker:
             self.uri = tracking_uri()
             check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
-        self._spool_dir = spool_dir
-        self.spool: Spool | None = None
         self._logged_upto: dict[str, int] = {}  # resumed run: newest step of each metric
         if run_id:
             try:
@@ -111,8 +113,6 @@ class MlflowTracker:
                 self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             self._set_tags_now(tags)
-            self.spool = Spool(spool_dir, run_id, self.uri) if spool_dir else None
-            self._resume_history()
         else:
             all_tags = {"mlflow.runName": run_name, **tags}
             if parent_run_id:
@@ -121,8 +121,10 @@ class MlflowTracker:
                 self._experiment_id(), run_name=run_name, tags=_str_values(all_tags)
             )
             self.run_id = run.info.run_id
-            self.spool = Spool(spool_dir, self.run_id, self.uri) if spool_dir else None
-        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.experiment_id = run.info.experiment_id
+        self.spool = Spool(spool_dir, self.run_id, self.uri) if spool_dir else None
+        if run_id:
+            self._resume_history()
         self._metrics: list[Metric] = []
         self._in_flight: list[Metric] = []  # taken by the worker, not known to be sent yet
         self._tasks: list[tuple] = []  # ("tags", dict) | ("text", ...) | ("artifact", ...)
@@ -149,15 +151,15 @@ class MlflowTracker:
     # ---------------------------------------------------------------- public interface
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), _PARAM_BATCH_LIMIT):
+        for i in range(0, len(items), PARAM_BATCH_LIMIT):
             try:
-                self.client.log_batch(self.run_id, params=items[i : i + _PARAM_BATCH_LIMIT])
+                self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH_LIMIT])
             except MlflowException as exc:
                 # Re-logging a param with a different value (a resumed run whose config
                 # changed) is refused by MLflow; record the new value as a tag instead.
                 if "Changing param values is not allowed" not in str(exc):
                     raise
-                for p in items[i : i + _PARAM_BATCH_LIMIT]:
+                for p in items[i : i + PARAM_BATCH_LIMIT]:
                     self._log_param_or_tag(p)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -167,7 +169,7 @@ class MlflowTracker:
                  if step > self._logged_upto.get(k, -1)]
         with self._lock:
             self._metrics.extend(batch)
-            self._last_step = max(self._last_step, int(step))
+            self._last_step = max(self._last_step, step)
 
     def unsent_points(self) -> list[list]:
         """Metric points not known to be in MLflow yet, as ``[key, value, timestamp, step]``:
@@ -422,7 +424,7 @@ class MlflowTracker:
             if self.spool is not None and self.spool.metrics_path.is_file():
                 self.spool.send_metrics(self.client)  # older than the buffer: first
             while sent < len(metrics):
-                chunk = metrics[sent : sent + _BATCH_LIMIT]
+                chunk = metrics[sent : sent + BATCH_LIMIT]
                 self.client.log_batch(self.run_id, metrics=chunk)
                 sent += len(chunk)
             while tasks:

@@ -42,6 +42,7 @@ OFFLINE_DB = "offline.db"
 OFFLINE_ARTIFACTS = "offline-artifacts"
 SYNCED_FILE = "synced.json"
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+PARAM_BATCH_LIMIT = 100  # and at most 100 params
 
 
 def offline_uri(directory: Path) -> str:
@@ -184,21 +185,17 @@ def run_task(client: MlflowClient, run_id: str, task: tuple) -> None:
 def sync(run_dir: Path, uri: str) -> str:
     """Send what ``run_dir`` kept (unsent points and tasks, an offline run) to ``uri``."""
     directory = Path(run_dir) / "tracking"
-    done = []
     if (directory / OFFLINE_DB).is_file():  # a local store never fails: nothing else is kept
-        done.append(_copy_offline_run(directory, uri))
-    elif (directory / PENDING_FILE).is_file():
-        meta = json.loads((directory / PENDING_FILE).read_text())
-        if meta.get("tracking_uri") != uri:
-            log.info("sync: the run was logged to %s; sending to %s", meta.get("tracking_uri"),
-                     uri)
-        done.append(_send_spool(Spool(directory, meta["run_id"], uri), MlflowClient(uri)))
-    if not done:
+        return _copy_offline_run(directory, uri)
+    if not (directory / PENDING_FILE).is_file():
         raise PipelineError(
             f"sync {run_dir}: nothing to send (no {directory / PENDING_FILE} or "
             f"{directory / OFFLINE_DB})"
         )
-    return "; ".join(done)
+    meta = json.loads((directory / PENDING_FILE).read_text())
+    if meta.get("tracking_uri") != uri:
+        log.info("sync: the run was logged to %s; sending to %s", meta.get("tracking_uri"), uri)
+    return _send_spool(Spool(directory, meta["run_id"], uri), MlflowClient(uri))
 
 
 def _send_spool(spool: Spool, client: MlflowClient) -> str:
@@ -259,10 +256,9 @@ def _new_run(target: MlflowClient, experiment_name: str, run) -> str:
 def _copy_run(source: MlflowClient, target: MlflowClient, run, new_id: str) -> None:
     """Params, tags, full metric histories (points the target has are not sent twice),
     artifacts and status of ``run`` into ``new_id``."""
-    target.log_batch(new_id, params=[Param(k, v) for k, v in run.data.params.items()][:100])
-    params = list(run.data.params.items())
-    for i in range(100, len(params), 100):
-        target.log_batch(new_id, params=[Param(k, v) for k, v in params[i : i + 100]])
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for i in range(0, len(params), PARAM_BATCH_LIMIT):
+        target.log_batch(new_id, params=params[i : i + PARAM_BATCH_LIMIT])
     tags = [RunTag(k, v) for k, v in run.data.tags.items() if not k.startswith("mlflow.")]
     if tags:
         target.log_batch(new_id, tags=tags)

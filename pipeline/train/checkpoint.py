@@ -10,6 +10,7 @@ background thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,9 +18,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -78,11 +79,15 @@ def _to_tuples(value):
 
 
 # ------------------------------------------------------------------------------ file I/O
-def _fsync_write(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """An open temporary file beside ``path``; when the block ends it is fsynced and renamed
+    to ``path`` (then the directory is fsynced). A failure removes it (a full disk leaves the
+    earlier files as they were)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -90,6 +95,11 @@ def _fsync_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with _atomic_file(path) as fh:
+        fh.write(data)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -126,25 +136,17 @@ def write_checkpoint(path: Path, state: dict, *, delay_s: float = 0.0) -> None:
     ``delay_s`` is fault injection: the write waits that long before the rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            try:
-                torch.save(state, fh)
-            except RuntimeError as exc:  # torch's writer hides the OSError (a full disk) here
-                if isinstance(exc.__context__, OSError):
-                    raise exc.__context__ from None
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = content_hash(tmp)
+    with _atomic_file(path) as fh:
+        try:
+            torch.save(state, fh)
+        except RuntimeError as exc:  # torch's writer hides the OSError (a full disk) here
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
+        fh.flush()
+        digest = content_hash(Path(fh.name))
         if delay_s:
             time.sleep(delay_s)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     write_checksum(path, digest)
 
 

@@ -57,11 +57,7 @@ def make_files(directory: Path, n: int, seed: int, max_length: int) -> float:
 
 
 def run_variant(name: str, data_dir: Path, args) -> dict:
-    import torch
-
     from pipeline.config.loader import load_config
-    from pipeline.train import runtime
-    from pipeline.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix=f"data-{name}-"))
     sets = [s.format(workers=args.workers) for s in VARIANTS[name]]
@@ -72,6 +68,17 @@ def run_variant(name: str, data_dir: Path, args) -> dict:
         "trainer.eval_every_epochs=1000", "trainer.checkpoint_every_steps=100000",
         "monitor.window=100000", *sets, *args.set,
     ])
+    return measure_loading(cfg, warmup=args.warmup)
+
+
+def measure_loading(cfg, *, warmup: int) -> dict:
+    """Train ``cfg`` and report, over the steps after ``warmup``: median step time, median
+    data wait, data-wait share of all step time, samples/s; and the trainer's build time."""
+    import torch
+
+    from pipeline.train import runtime
+    from pipeline.train.trainer import Trainer
+
     built = time.perf_counter()
     ctx = runtime.setup(cfg)
     trainer = Trainer(cfg, ctx, checkpoint=None, run_id=None, parent_run_id=None,
@@ -87,8 +94,8 @@ def run_variant(name: str, data_dir: Path, args) -> dict:
     trainer.timer.observe = observe
     trainer.fit()
     runtime.teardown(ctx)
-    steps = list(trainer.timer.step_times)[args.warmup:]
-    wait = waits[args.warmup:]
+    steps = list(trainer.timer.step_times)[warmup:]
+    wait = waits[warmup:]
     batch = cfg.trainer.micro_batch_size * cfg.trainer.accumulation_steps
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -113,11 +113,9 @@ def study(args) -> None:
 
 
 def prefetch(args) -> None:
-    import torch
+    from bench_data import measure_loading  # beside this script
 
     from pipeline.config.loader import load_config
-    from pipeline.train import runtime
-    from pipeline.train.trainer import Trainer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,33 +131,9 @@ def prefetch(args) -> None:
                 "data.n_train=512", f"data.cache_dir={cache}", "monitor.window=100000",
                 f"loader.prefetch_factor={factor}", *args.set,
             ])
-            ctx = runtime.setup(cfg)
-            trainer = Trainer(cfg, ctx, checkpoint=None, run_id=None, parent_run_id=None,
-                              on_validation=None, extra_tags={})
-            waits = []
-            original = trainer.timer.observe
-
-            def observe(step, *, step_s, data_wait_s, _orig=original, _waits=waits):
-                _waits.append(data_wait_s)
-                return _orig(step, step_s=step_s, data_wait_s=data_wait_s)
-
-            trainer.timer.observe = observe
-            trainer.fit()
-            runtime.teardown(ctx)
-            steps = list(trainer.timer.step_times)[args.warmup:]
-            wait = waits[args.warmup:]
-            batch = cfg.trainer.micro_batch_size * cfg.trainer.accumulation_steps
-            row = {
-                "repeat": repeat,
-                "median_step_ms": 1000 * statistics.median(steps),
-                "median_data_wait_ms": 1000 * statistics.median(wait),
-                "data_wait_share": sum(wait) / sum(steps),
-                "samples_per_s": batch / statistics.median(steps),
-            }
+            row = {"repeat": repeat, **measure_loading(cfg, warmup=args.warmup)}
             results.setdefault(factor, []).append(row)
             print(factor, row, flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     (out / "prefetch.json").write_text(json.dumps(results, indent=1))
 
 

@@ -192,18 +192,26 @@ def test_mlflow_run_entry_points_and_the_ui_server(tmp_path):
         server.wait(timeout=30)
 
 
+def _mlflow_train_one_epoch(tmp_path: Path, scenario: str, overrides: str):
+    """`mlflow run . -e train -P scenario=SCENARIO -P epochs=1 -P overrides=...` with a small
+    validation, into a fresh sqlite store; the client and the one run it made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    overrides += (f" trainer.val_max_structures=2 trainer.val_sampler_steps=4 "
+                  f"output_dir={tmp_path / 'out'}")
+    _mlflow_run(["-e", "train", "-P", f"scenario={scenario}", "-P", "epochs=1",
+                 "-P", f"overrides={overrides}"], env, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    return client, run
+
+
 def test_mlflow_run_of_the_main_job_with_the_balanced_scenario(tmp_path):
     """The README's main job, `mlflow run . -e train -P scenario=balanced --env-manager local`,
     on a CPU-sized slice of the shipped synthetic data (one epoch of 16 structures): the
     balanced scenario's loader worker processes, step checkpoints and health checks run."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    overrides = (f"data.n_train=16 data.n_val=2 data.max_length=32 trainer.val_max_structures=2 "
-                 f"trainer.val_sampler_steps=4 output_dir={tmp_path / 'out'}")
-    _mlflow_run(["-e", "train", "-P", "scenario=balanced", "-P", "epochs=1",
-                 "-P", f"overrides={overrides}"], env, tmp_path)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    client, run = _mlflow_train_one_epoch(
+        tmp_path, "balanced", "data.n_train=16 data.n_val=2 data.max_length=32")
     assert run.info.status == "FINISHED"
     assert run.data.tags["scenario"] == "balanced"
     assert run.data.params["loader.num_workers"] == "2"
@@ -213,15 +221,9 @@ def test_mlflow_run_of_the_main_job_with_the_balanced_scenario(tmp_path):
 def test_mlflow_run_trains_on_a_directory_of_real_structure_files(tmp_path, rna_puzzles):
     """`mlflow run . -e train -P scenario=debug -P overrides="data.source=files data.path=DIR"`
     on the 18 RNA-Puzzles natives: every file is read, the run trains and validates."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     natives = rna_puzzles / "natives"
-    overrides = (f"data.source=files data.path={natives} trainer.val_max_structures=2 "
-                 f"trainer.val_sampler_steps=4 output_dir={tmp_path / 'out'}")
-    _mlflow_run(["-e", "train", "-P", "scenario=debug", "-P", "epochs=1",
-                 "-P", f"overrides={overrides}"], env, tmp_path)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    client, run = _mlflow_train_one_epoch(
+        tmp_path, "debug", f"data.source=files data.path={natives}")
     assert run.info.status == "FINISHED"
     assert run.data.params["data.source"] == "files"
     stats = json.loads(Path(client.download_artifacts(run.info.run_id, "data/stats.json",

@@ -258,6 +258,10 @@ def test_a_stale_trial_of_another_host_is_failed_by_heartbeat_and_rerun(workdir,
     finally:
         first.kill()
         first.wait()
+    # Optuna looks for stale trials once, before a worker's first trial: a second worker that
+    # started within the grace period of the victim's last heartbeat would run a fresh trial
+    # beside it (a race, seen in CI). Let the grace period pass, as it would between hosts.
+    time.sleep(2 + 1.5)
     second = subprocess.run(join, cwd=workdir, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     study = _pg_study(pg_url, "hb")

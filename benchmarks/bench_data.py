@@ -104,6 +104,10 @@ def measure_loading(cfg, *, warmup: int) -> dict:
         "median_step_ms": 1000 * statistics.median(steps),
         "median_data_wait_ms": 1000 * statistics.median(wait),
         "data_wait_share": sum(wait) / sum(steps),
+        # epoch starts show up here: the longest waits and how many steps waited > 10 ms
+        "max_data_wait_ms": 1000 * max(wait),
+        "steps_waiting_over_10ms": sum(w > 0.01 for w in wait),
+        "steps": len(steps),
         "samples_per_s": batch / statistics.median(steps),
     }
 

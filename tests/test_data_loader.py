@@ -165,6 +165,77 @@ def test_worker_processes_give_the_same_batches(splits):
     assert workers.last_wait_s >= 0.0
 
 
+class NamedOps:
+    """Stand-in stream ops for real batches: records the names of each batch issued."""
+
+    def __init__(self):
+        self.issued: list[tuple] = []
+
+    def issue(self, batch):
+        self.issued.append(tuple(batch["names"]))
+        return batch
+
+    def handoff(self, handle):
+        return handle
+
+
+def _epochs_fresh(splits, epochs, **kwargs):
+    """Each epoch's batches from a loader of its own (no stream carried over)."""
+    out = []
+    for epoch in epochs:
+        loader = build_train_loader(splits.train, LoaderConfig(num_workers=0), device=CPU,
+                                    **kwargs)
+        loader.set_epoch(epoch)
+        out.append([_keys(b) for b in loader])
+    return out
+
+
+def test_the_stream_reads_ahead_across_epoch_boundaries(splits):
+    """The next epoch's first batches are issued to the device before the epoch starts, and
+    every epoch still gets exactly its own batches and crops."""
+    ops = NamedOps()
+    loader = build_train_loader(
+        splits.train, LoaderConfig(num_workers=0, prefetch_factor=2), batch_size=4, seed=3,
+        device=CPU,
+    )
+    loader.ops = ops
+    expected = _epochs_fresh(splits, (0, 1, 2), batch_size=4, seed=3)
+    got = []
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        got.append([_keys(b) for b in loader])
+        # the queue is full at the epoch's end: two batches of the next epoch are in flight
+        assert len(ops.issued) == (epoch + 1) * len(loader) + 2
+        assert loader.state_dict() == {"epoch": epoch, "batches_consumed": len(loader),
+                                       "world_size": 1}
+    assert got == expected
+    next_names = [names for names, _ in _epochs_fresh(splits, (3,), batch_size=4, seed=3)[0]]
+    assert ops.issued[-2:] == next_names[:2]
+
+
+def test_a_position_jump_reopens_the_stream(splits):
+    """Abandoning an epoch half-way, skipping one, or loading a state starts the stream at the
+    new position: no batch of the old read-ahead leaks into it."""
+    kwargs = dict(batch_size=4, seed=5)
+    expected = _epochs_fresh(splits, (0, 1, 3), **kwargs)
+    loader = build_train_loader(splits.train, LoaderConfig(num_workers=2, prefetch_factor=2),
+                                device=CPU, **kwargs)
+    loader.set_epoch(0)
+    first = []
+    for batch in loader:
+        first.append(_keys(batch))
+        if len(first) == 3:
+            break
+    assert first == expected[0][:3]
+    loader.set_epoch(1)  # epoch 0 abandoned after 3 batches
+    assert [_keys(b) for b in loader] == expected[1]
+    loader.set_epoch(3)  # epoch 2 skipped
+    assert [_keys(b) for b in loader] == expected[2]
+    loader.load_state_dict({"epoch": 1, "batches_consumed": 6, "world_size": 1})
+    assert [_keys(b) for b in loader] == expected[1][6:]
+    loader.close()
+
+
 def test_loader_delivers_on_the_requested_device_and_measures_the_wait(splits):
     loader = build_train_loader(
         splits.train, LoaderConfig(device_prefetch=False), batch_size=6, seed=0, device=CPU

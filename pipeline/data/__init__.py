@@ -10,6 +10,7 @@ from pipeline.data.datasets import DatasetSplits, build_datasets
 from pipeline.data.features import ATOM_NAMES, RNASample
 from pipeline.data.loader import (
     DevicePrefetcher,
+    EpochStream,
     LengthBucketBatchSampler,
     TrainLoader,
     build_train_loader,
@@ -23,6 +24,7 @@ __all__ = [
     "DataConfig",
     "DatasetSplits",
     "DevicePrefetcher",
+    "EpochStream",
     "LengthBucketBatchSampler",
     "LoaderConfig",
     "RNASample",

@@ -14,7 +14,9 @@ The training loader is three layers, each testable on its own:
 
 :class:`TrainLoader` ties them together and counts the batches it has *handed to the
 consumer*: that count, not the sampler's (the DataLoader reads ahead), is the data position
-saved in checkpoints.
+saved in checkpoints. One DataLoader iterator serves the whole run (the epochs follow one
+another in :class:`EpochStream`), so the workers and the device queue read ahead across epoch
+boundaries and through validation instead of starting cold at every epoch.
 """
 
 from __future__ import annotations
@@ -192,6 +194,30 @@ class LengthBucketBatchSampler(Sampler):
         self.set_position(*resume_position(state, self.world_size))
 
 
+class EpochStream(Sampler):
+    """The epochs of ``sampler`` one after another, without end, from its position.
+
+    A DataLoader iterator over this never runs dry at an epoch boundary: its worker processes
+    go on to the next epoch's batches while the consumer finishes this one (and validates),
+    where a new iterator per epoch would start them cold and make the epoch's first steps
+    wait (docs/benchmarks.md, "Data loading"). Items are ``(index, epoch)`` as in the sampler,
+    so crops follow the epoch they belong to. ``len`` is the sampler's batches per epoch.
+    """
+
+    def __init__(self, sampler: LengthBucketBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.sampler.epoch, self.sampler.start
+        while True:
+            for batch in self.sampler.rank_batches(epoch)[start:]:
+                yield [(index, epoch) for index in batch]
+            epoch, start = epoch + 1, 0
+
+
 def resume_position(state: dict[str, int], world_size: int) -> tuple[int, int]:
     """(epoch, batches to skip on each rank) for resuming ``state`` on ``world_size`` ranks.
 
@@ -282,13 +308,13 @@ class DevicePrefetcher:
 
     With stream ops (CUDA, or injected for tests) the next ``depth`` batches are issued before
     the current one is handed out, in order. The queue ramps up: the first batch of an
-    iteration (an epoch) is handed out as soon as it alone is issued, and each later request
-    adds one more in flight until ``depth``, so an epoch's first step waits for one batch from
-    the DataLoader, not ``depth + 1`` (on the H100 with prefetch factor 8: 1.3-1.4 s before the
-    ramp, 0.43-0.48 s after; the epoch start's total wait stayed about the same, spread over
-    its first steps: docs/benchmarks.md). Without stream ops (CPU, or ``enabled=False``),
-    batches pass through, moved with a plain ``.to(device)`` (a no-op for CPU tensors on the
-    CPU).
+    iteration is handed out as soon as it alone is issued, and each later request adds one
+    more in flight until ``depth``, so the first step waits for one batch from the DataLoader,
+    not ``depth + 1`` (on the H100 with prefetch factor 8: 1.3-1.4 s before the ramp,
+    0.43-0.48 s after: docs/benchmarks.md). :class:`TrainLoader` iterates once per run, not
+    once per epoch, so later epochs start with a full queue. Without stream ops (CPU, or
+    ``enabled=False``), batches pass through, moved with a plain ``.to(device)`` (a no-op for
+    CPU tensors on the CPU).
 
     ``last_wait_s`` is the host time (s) the consumer waited for the latest batch: from
     asking for it until receiving it (fetching from the DataLoader and issuing copies).
@@ -370,6 +396,12 @@ class TrainLoader:
     ``state_dict()`` holds the epoch and the batches handed out; after ``load_state_dict``
     the next iteration yields exactly the batch that would have come next.
     ``last_wait_s`` is the host wait (s) for the latest batch (``perf/data_wait_ms``).
+
+    Each iteration takes its epoch's batches from one stream that runs on across epochs
+    (:class:`EpochStream` behind the DataLoader, then the device queue): when epoch ``e + 1``
+    follows ``e``, its first batches are already loaded, and on CUDA already on the device.
+    The stream is opened again only where the position jumps (a resume, a rollback, an
+    epoch skipped or abandoned half-way).
     """
 
     def __init__(
@@ -389,7 +421,7 @@ class TrainLoader:
         workers = cfg.num_workers
         self._loader = DataLoader(
             dataset,
-            batch_sampler=sampler,
+            batch_sampler=EpochStream(sampler),
             num_workers=workers,
             collate_fn=collate,
             # pinned host memory only helps (and only works) for copies to a CUDA device
@@ -403,6 +435,9 @@ class TrainLoader:
         self.epoch = 0
         self.batches_consumed = 0
         self.last_wait_s = 0.0
+        self._prefetcher: DevicePrefetcher | None = None
+        self._stream: Iterator[dict] | None = None
+        self._stream_position = 0  # global batch (epoch * len + batch) the stream yields next
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -417,18 +452,32 @@ class TrainLoader:
             self.dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
+        if self._stream is None or self._stream_position != self._position():
+            self._open_stream()
+        assert self._prefetcher is not None and self._stream is not None
+        for _ in range(len(self) - self.batches_consumed):
+            batch = next(self._stream)  # never exhausted: the epochs run on
+            self.last_wait_s = self._prefetcher.last_wait_s
+            self.batches_consumed += 1
+            self._stream_position += 1
+            yield batch
+
+    def _position(self) -> int:
+        return self.epoch * len(self) + self.batches_consumed
+
+    def _open_stream(self) -> None:
+        """(Re)start the stream at the current position (the DataLoader's persistent
+        workers drop what they had read ahead for the old one)."""
         self.sampler.set_position(self.epoch, self.batches_consumed)
-        prefetcher = DevicePrefetcher(
+        self._prefetcher = DevicePrefetcher(
             self._loader,
             self.device,
             depth=self.cfg.prefetch_factor,
             ops=self.ops,
             enabled=self.cfg.device_prefetch,
         )
-        for batch in prefetcher:
-            self.last_wait_s = prefetcher.last_wait_s
-            self.batches_consumed += 1
-            yield batch
+        self._stream = iter(self._prefetcher)
+        self._stream_position = self._position()
 
     def close(self) -> None:
         """Stop the persistent worker processes now.
@@ -438,6 +487,7 @@ class TrainLoader:
         each shutdown then waits out the workers' status timeout: tens of seconds. torch has no
         public call for this; the iterator's own shutdown is what its ``__del__`` would run.
         """
+        self._stream = self._prefetcher = None
         iterator = getattr(self._loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 
 import biotite.structure as struc
 import numpy as np
@@ -117,6 +118,18 @@ def test_search_solvers_agree(pair, seed):
         gdt(model, ref, mask, solver="svd").fractions,
         gdt(model, ref, mask, solver="quaternion").fractions,
     )
+    assert torch.allclose(
+        rmsd(model, ref, mask, solver="svd"), rmsd(model, ref, mask, solver="quaternion"),
+        atol=1e-5,
+    )
+    # a mirror image keeps its RMSD > 0 with either solver (both give proper rotations only)
+    mirror = model * torch.tensor([-1.0, 1.0, 1.0])
+    assert torch.allclose(
+        rmsd(mirror, ref, mask, solver="svd"), rmsd(mirror, ref, mask, solver="quaternion"),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="solver"):
+        rmsd(model, ref, mask, solver="lu")
 
 
 def test_kabsch_recovers_a_known_rigid_motion():
@@ -250,8 +263,18 @@ def _atom_array(coords: np.ndarray, chain, res_id, res_name, atom_name) -> struc
     return atoms
 
 
+@pytest.fixture(params=["cdist", "broadcast"])
+def distance_path(request, monkeypatch):
+    """lDDT's two ways to distances: cdist (the CPU's) and broadcast differences (CUDA's),
+    both run here on the CPU."""
+    module = sys.modules["pipeline.metrics.lddt"]
+    if request.param == "broadcast":
+        monkeypatch.setattr(module, "_distances", module._broadcast_distances)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_lddt_matches_biotite_on_random_all_atom_input(seed):
+def test_lddt_matches_biotite_on_random_all_atom_input(seed, distance_path):
     rng = np.random.default_rng(seed)
     n_res, per_res = 40, 5
     # Residues along a walk, atoms scattered around each residue centre.
@@ -291,7 +314,7 @@ def test_lddt_matches_biotite_on_random_all_atom_input(seed):
     assert glob_sym.item() == pytest.approx(struc.lddt(atoms, subject, symmetric=True), abs=1e-5)
 
 
-def test_lddt_one_atom_per_residue_matches_biotite_in_a_batch():
+def test_lddt_one_atom_per_residue_matches_biotite_in_a_batch(distance_path):
     ref = random_walk(4, 80, seed=11)
     model = noisy(ref, 1.0, seed=12)
     mask = full_mask(ref)

@@ -36,7 +36,25 @@ _BLOCK_ELEMENTS = 1 << 24
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+    """(..., M, N) Euclidean distances between the rows of ``a`` (..., M, 3) and ``b`` (..., N, 3).
+
+    On the CPU ``torch.cdist`` (direct mode); elsewhere :func:`_broadcast_distances`: CUDA's
+    direct-mode cdist kernel reduces each of the M x N three-term sums with a thread block of
+    its own, which made it most of lDDT's time there (docs/benchmarks.md).
+    """
+    if a.device.type == "cpu":
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+    return _broadcast_distances(a, b)
+
+
+def _broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same distances from three broadcast coordinate differences: a few memory-bound
+    passes over (..., M, N). Equal to direct-mode cdist up to float32 rounding."""
+    squared = None
+    for k in range(3):
+        term = (a[..., :, None, k] - b[..., None, :, k]).square()
+        squared = term if squared is None else squared.add_(term)
+    return squared.sqrt_()
 
 
 def _lddt_sums(
@@ -74,6 +92,7 @@ def _lddt_sums(
     mod = torch.where(model_mask.unsqueeze(-1), model.float(), 0.0)
     n = reference.shape[-2]
     positions = torch.arange(n, device=reference.device)
+    bounds = torch.tensor(sorted(thresholds), dtype=torch.float32, device=reference.device)
     rows = max(1, _BLOCK_ELEMENTS // max(1, ref[..., 0].numel()))
     score_sum, count = [], []
     for lo in range(0, n, rows):
@@ -90,13 +109,13 @@ def _lddt_sums(
         if symmetric:
             within = within | ((d_mod <= radius) & both_present)
         contacts = pair & within
-        diff = (d_ref - d_mod).abs()
-        n_passed = torch.zeros_like(diff)
-        for t in thresholds:
-            n_passed += (diff <= t).to(diff.dtype)
-        score = torch.where(contacts & both_present, n_passed / len(thresholds), 0.0)
-        score_sum.append(score.sum(-1))
-        count.append(contacts.to(diff.dtype).sum(-1))
+        # Thresholds passed: those >= |d_ref - d_mod|, i.e. all but the ones below it (one
+        # pass with bucketize instead of a compare and an add per threshold).
+        diff = d_mod.sub_(d_ref).abs_()
+        below = torch.bucketize(diff, bounds, out_int32=True)
+        passed = (len(thresholds) - below).masked_fill_(~(contacts & both_present), 0)
+        score_sum.append(passed.sum(-1, dtype=torch.float32) / len(thresholds))
+        count.append(contacts.sum(-1, dtype=torch.float32))
     return torch.cat(score_sum, -1), torch.cat(count, -1)
 
 

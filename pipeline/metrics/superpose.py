@@ -160,7 +160,11 @@ def _weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def kabsch(
-    mobile: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    mobile: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    solver: str = "svd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation ``R`` and translation ``t`` that move ``mobile`` onto ``target``.
 
@@ -171,6 +175,9 @@ def kabsch(
     mask : torch.Tensor, optional
         (..., N) bool or float weights; points with weight 0 are ignored (their coordinates
         may be anything, NaN included). Default: all points, equal weights.
+    solver : str
+        ``"svd"`` (the 3x3 SVD) or ``"quaternion"`` (Horn's method, elementwise); the same
+        rotation whenever it is unique.
 
     Returns
     -------
@@ -196,19 +203,29 @@ def kabsch(
     xc = (x - x_mean.unsqueeze(-2)) * w.unsqueeze(-1)
     yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
     h = xc.transpose(-1, -2) @ yc  # (..., 3, 3) covariance sum_i w_i x_i y_i^T
-    r = _proper_rotation(h)
+    if solver == "svd":
+        r = _proper_rotation(h)
+    elif solver == "quaternion":
+        r = _quaternion_rotation(h)
+    else:
+        raise ValueError(f"solver must be 'svd' or 'quaternion', but got {solver!r}")
     t = y_mean - (r @ x_mean.unsqueeze(-1)).squeeze(-1)
     return r.to(dtype), t.to(dtype)
 
 
 def superimpose(
-    mobile: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    mobile: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    solver: str = "svd",
 ) -> torch.Tensor:
     """``mobile`` moved onto ``target`` by the Kabsch fit over ``mask`` (same shape as mobile).
 
-    All points are moved, masked or not; only the fit ignores the masked-out ones.
+    All points are moved, masked or not; only the fit ignores the masked-out ones. ``solver``
+    as in :func:`kabsch`.
     """
-    r, t = kabsch(mobile, target, mask)
+    r, t = kabsch(mobile, target, mask, solver=solver)
     return mobile @ r.transpose(-1, -2) + t.unsqueeze(-2)
 
 
@@ -218,6 +235,7 @@ def rmsd(
     mask: torch.Tensor | None = None,
     *,
     superpose: bool = True,
+    solver: str = "svd",
 ) -> torch.Tensor:
     """Root-mean-square deviation between corresponding points, after optimal superposition.
 
@@ -233,6 +251,8 @@ def rmsd(
         (B, N) / (N,) bool: points that exist in both. Default: all.
     superpose : bool
         If False, the coordinates are compared as given (no fit).
+    solver : str
+        The fit's rotation solver, as in :func:`kabsch`.
 
     Returns
     -------
@@ -250,7 +270,7 @@ def rmsd(
     x = torch.where(valid, model.double(), 0.0)
     y = torch.where(valid, reference.double(), 0.0)
     if superpose:
-        x = superimpose(x, y, w)
+        x = superimpose(x, y, w, solver=solver)
     sq = ((x - y) ** 2).sum(-1) * w
     out = torch.sqrt(sq.sum(-1) / w.sum(-1).clamp_min(1e-12))
     return out.to(model.dtype if model.is_floating_point() else torch.float32)

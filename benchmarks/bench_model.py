@@ -161,6 +161,60 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
     return events.table(sort_by=key, row_limit=rows) + "\nPhases (inclusive):\n" + phases
 
 
+#: Substrings of kernel names (lower case) by category; the first match wins.
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "efficient_attention")),
+    ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "wgmma", "cublas", "gemv")),
+    ("copy", ("memcpy", "memset")),
+)
+
+
+def kernel_breakdown(kernels: list[tuple[str, float, float]]) -> dict:
+    """Where the device time of one step went, from its kernels ``(name, start_us, end_us)``.
+
+    Returns the span from the first kernel's start to the last one's end, the time at least
+    one kernel was running (the union of their intervals), the idle rest (the GPU waiting
+    for the host to launch work), and the kernel time per category of
+    :data:`KERNEL_CATEGORIES` (``other``: elementwise, reductions, normalisations, ...).
+    """
+    per_category: dict[str, float] = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
+    per_category["other"] = 0.0
+    counts = dict.fromkeys(per_category, 0)
+    for name, start, end in kernels:
+        lower = name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)),
+                        "other")
+        per_category[category] += end - start
+        counts[category] += 1
+    busy, reach = 0.0, -math.inf
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    span = max((k[2] for k in kernels), default=0.0) - min((k[1] for k in kernels), default=0.0)
+    return {
+        "span_us": span,
+        "busy_us": busy,
+        "idle_us": span - busy,
+        "kernel_us": per_category,
+        "kernels": counts,
+    }
+
+
+def profile_breakdown(fn, device: torch.device) -> dict:
+    """:func:`kernel_breakdown` of one call of ``fn`` on CUDA (profiler kernel events)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type != torch.autograd.DeviceType.CPU
+    ]
+    return kernel_breakdown(kernels)
+
+
 def bench_one(
     model: torch.nn.Module,
     batch: dict,
@@ -172,8 +226,10 @@ def bench_one(
     autocast,
     profile_to: Path | None = None,
     label: str = "",
+    breakdown: bool = False,
 ) -> dict:
-    """Warm up, then time ``repeats`` training steps; returns the measurements."""
+    """Warm up, then time ``repeats`` training steps; returns the measurements (with
+    ``breakdown``, also :func:`profile_breakdown` of one more step, CUDA only)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def forward() -> torch.Tensor:
@@ -203,7 +259,11 @@ def bench_one(
     if profile_to is not None:
         with profile_to.open("a") as f:
             f.write(f"\n## {label}\n\n{profile_table(step, device)}\n")
+    extra = {}
+    if breakdown and device.type == "cuda":
+        extra["breakdown"] = profile_breakdown(step, device)
     return {
+        **extra,
         "step_ms": statistics.median(times),
         "step_ms_min": min(times),
         "step_ms_max": max(times),
@@ -255,7 +315,8 @@ def run(args: argparse.Namespace, on_row=lambda results: None) -> list[dict]:
                                   check_syncs=args.check_syncs,
                                   profile_to=args.out.with_suffix(".profile.txt")
                                   if args.profile else None,
-                                  label=f"{preset} compile={compiled} {args.micro_batch}x{length}")
+                                  label=f"{preset} compile={compiled} {args.micro_batch}x{length}",
+                                  breakdown=args.breakdown)
                     )
                     step_s = row["step_ms"] / 1e3
                     row["residues_per_s"] = args.micro_batch * length / step_s
@@ -325,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="count host-device syncs of one forward and one step (CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="append a profiler table of one step per case to OUT.profile.txt")
+    p.add_argument("--breakdown", action="store_true",
+                   help="profile one more step per case: device time by kernel category, idle")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = p.parse_args(argv)

@@ -31,3 +31,29 @@ def test_bench_model_writes_json_and_markdown(tmp_path):
     assert rows[1]["flops"] > rows[0]["flops"]
     table = out.with_suffix(".md").read_text()
     assert "| small_model |" in table and "2 x 12" in table
+
+
+def test_kernel_breakdown_classifies_kernels_and_measures_idle_time():
+    """The GPU profile summary: categories by kernel name, busy time as the union of kernel
+    intervals (overlapping kernels on two streams count once), idle = span - busy."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from bench_model import kernel_breakdown
+    finally:
+        sys.path.pop(0)
+    kernels = [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 0.0, 10.0),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 12.0, 20.0),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", 25.0, 35.0),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>",
+         30.0, 40.0),  # overlaps the attention kernel: its 5 shared microseconds count once
+        ("Memcpy HtoD (Pinned -> Device)", 50.0, 52.0),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", 60.0, 70.0),
+    ]
+    out = kernel_breakdown(kernels)
+    assert out["span_us"] == 70.0
+    assert out["busy_us"] == 10.0 + 8.0 + 15.0 + 2.0 + 10.0
+    assert out["idle_us"] == 70.0 - out["busy_us"]
+    assert out["kernel_us"] == {"attention": 10.0, "matmul": 18.0, "copy": 2.0, "other": 20.0}
+    assert out["kernels"] == {"attention": 1, "matmul": 2, "copy": 1, "other": 2}
+    assert kernel_breakdown([])["busy_us"] == 0.0

@@ -236,30 +236,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Accuracy vs search budget (device), against the most exhaustive search.
     budgets = []
-    reference_gdt = None
-    for name, kwargs in () if args.skip_budgets else GDT_BUDGETS:
-        t, res = timed(lambda kw=kwargs: gdt(md, rd, kd, **kw).score, device, args.repeats)
-        res = res.cpu().double()
-        if reference_gdt is None:
-            reference_gdt = res
-        diff = reference_gdt - res
-        budgets.append({
-            "metric": "gdt_ts", "budget": name, "kwargs": kwargs, "seconds": t,
-            "mean_loss": float(diff.mean()), "max_loss": float(diff.max()),
-            "mean_score": float(res.mean()),
-        })
-    reference_tm = None
-    for name, kwargs in () if args.skip_budgets else TM_BUDGETS:
-        t, res = timed(lambda kw=kwargs: tm_score(md, rd, kd, **kw), device, args.repeats)
-        res = res.cpu().double()
-        if reference_tm is None:
-            reference_tm = res
-        diff = reference_tm - res
-        budgets.append({
-            "metric": "tm_score", "budget": name, "kwargs": kwargs, "seconds": t,
-            "mean_loss": float(diff.mean()), "max_loss": float(diff.max()),
-            "mean_score": float(res.mean()),
-        })
+    searches = (
+        ("gdt_ts", GDT_BUDGETS, lambda kw: gdt(md, rd, kd, **kw).score),
+        ("tm_score", TM_BUDGETS, lambda kw: tm_score(md, rd, kd, **kw)),
+    )
+    for metric, table, score in () if args.skip_budgets else searches:
+        reference = None  # the first (most exhaustive) budget of the table
+        for name, kwargs in table:
+            t, res = timed(lambda kw=kwargs: score(kw), device, args.repeats)
+            res = res.cpu().double()
+            if reference is None:
+                reference = res
+            diff = reference - res
+            budgets.append({
+                "metric": metric, "budget": name, "kwargs": kwargs, "seconds": t,
+                "mean_loss": float(diff.mean()), "max_loss": float(diff.max()),
+                "mean_score": float(res.mean()),
+            })
     result["budgets"] = budgets
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -176,8 +176,9 @@ def kabsch(
         (..., N) bool or float weights; points with weight 0 are ignored (their coordinates
         may be anything, NaN included). Default: all points, equal weights.
     solver : str
-        ``"svd"`` (the 3x3 SVD) or ``"quaternion"`` (Horn's method, elementwise); the same
-        rotation whenever it is unique.
+        ``"svd"`` (the 3x3 SVD) or ``"quaternion"`` (Horn's method, elementwise, with a host
+        sync every few Newton steps); the same rotation whenever it is unique. ``"auto"``:
+        quaternion on CUDA, SVD elsewhere.
 
     Returns
     -------
@@ -203,12 +204,14 @@ def kabsch(
     xc = (x - x_mean.unsqueeze(-2)) * w.unsqueeze(-1)
     yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
     h = xc.transpose(-1, -2) @ yc  # (..., 3, 3) covariance sum_i w_i x_i y_i^T
+    if solver == "auto":
+        solver = "quaternion" if h.is_cuda else "svd"
     if solver == "svd":
         r = _proper_rotation(h)
     elif solver == "quaternion":
         r = _quaternion_rotation(h)
     else:
-        raise ValueError(f"solver must be 'svd' or 'quaternion', but got {solver!r}")
+        raise ValueError(f"solver must be 'auto', 'svd' or 'quaternion', but got {solver!r}")
     t = y_mean - (r @ x_mean.unsqueeze(-1)).squeeze(-1)
     return r.to(dtype), t.to(dtype)
 

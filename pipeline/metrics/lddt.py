@@ -40,7 +40,8 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     On the CPU ``torch.cdist`` (direct mode); elsewhere :func:`_broadcast_distances`: CUDA's
     direct-mode cdist kernel reduces each of the M x N three-term sums with a thread block of
-    its own, which made it most of lDDT's time there (docs/benchmarks.md).
+    its own, the suspected bulk of lDDT's 41 ms for 64 x 500 nt on the H100 (not yet timed
+    apart: ``benchmarks/bench_metrics.py`` times both paths, docs/benchmarks.md).
     """
     if a.device.type == "cpu":
         return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")

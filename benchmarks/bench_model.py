@@ -144,15 +144,21 @@ def trace_host_syncs(fn, device: torch.device) -> tuple[int | None, list[str]]:
     return sum(sites.values()), [f"{site} x{n}" for site, n in sites.most_common()]
 
 
-def profile_table(fn, device: torch.device, rows: int = 30) -> str:
-    """Profiler table of one call of ``fn``, ops sorted by their own (self) device time."""
+def _profiled(fn, device: torch.device) -> torch.profiler.profile:
+    """The profiler after one call of ``fn`` (CPU activity, plus CUDA kernels on CUDA)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
+    return prof
+
+
+def profile_table(fn, device: torch.device, rows: int = 30) -> str:
+    """Profiler table of one call of ``fn``, ops sorted by their own (self) device time."""
+    prof = _profiled(fn, device)
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     phases = prof.key_averages().table(
@@ -203,13 +209,9 @@ def kernel_breakdown(kernels: list[tuple[str, float, float]]) -> dict:
 
 def profile_breakdown(fn, device: torch.device) -> dict:
     """:func:`kernel_breakdown` of one call of ``fn`` on CUDA (profiler kernel events)."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        torch.cuda.synchronize(device)
     kernels = [
         (e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()
+        for e in _profiled(fn, device).events()
         if e.device_type != torch.autograd.DeviceType.CPU
     ]
     return kernel_breakdown(kernels)

@@ -153,9 +153,22 @@ def replay(args) -> None:
     trials = [r for r in result["trials"] if r["state"] == "COMPLETE" and r["curve"]]
     full_best = max(r["value"] for r in trials)
     full_time = sum(r["seconds"] for r in trials)
+    # What a pruned trial costs after its last report: measured in the real pruned study when
+    # there is one (a pruned trial draws no figures and logs no model), else a finished
+    # trial's end of run (an overestimate).
+    pruned_overhead = None
+    if (out / "study-median.json").exists():
+        real = json.loads((out / "study-median.json").read_text())["trials"]
+        ends = [r["seconds"] - r["curve"][-1][1] for r in real if r["state"] == "PRUNED"]
+        pruned_overhead = statistics.median(ends) if ends else None
+    print(f"end of a pruned trial: {pruned_overhead} s (median of the real pruned study)")
+    rank_agreement(trials)
+    per_epoch = trials[0]["curve"][0][0]  # samples per report
     pruners = {
         "none": optuna.pruners.NopPruner(),
         "median": optuna.pruners.MedianPruner(n_startup_trials=args.startup),
+        **{f"median, no cut before report {k + 1}": optuna.pruners.MedianPruner(
+            n_startup_trials=args.startup, n_warmup_steps=k * per_epoch) for k in (2, 4, 6)},
         "percentile-25": optuna.pruners.PercentilePruner(25.0, n_startup_trials=args.startup),
         "successive_halving-3": optuna.pruners.SuccessiveHalvingPruner(
             min_resource=args.min_resource, reduction_factor=3),
@@ -173,6 +186,8 @@ def replay(args) -> None:
         for r in trials:
             trial = study.ask()
             end_overhead = r["seconds"] - r["curve"][-1][1]
+            if pruned_overhead is not None:
+                end_overhead = pruned_overhead
             cost = r["seconds"]
             for samples, at, value in r["curve"]:
                 trial.report(value, samples)
@@ -192,6 +207,25 @@ def replay(args) -> None:
                       "time_share": spent / full_time, "reached_99pct_at_s": reached_at}
         print(name, rows[name])
     (out / "replay.json").write_text(json.dumps(rows, indent=1))
+
+
+def rank_agreement(trials: list[dict]) -> list[float]:
+    """Spearman correlation, over the trials, of the value at each report with the final one:
+    how well an early cut can rank the trials at that point."""
+    import numpy as np
+
+    def ranks(values):
+        return np.argsort(np.argsort(values)).astype(float)
+
+    finals = ranks([r["value"] for r in trials])
+    n_reports = min(len(r["curve"]) for r in trials)
+    rhos = []
+    for k in range(n_reports):
+        at_k = ranks([r["curve"][k][2] for r in trials])
+        rhos.append(float(np.corrcoef(at_k, finals)[0, 1]))
+    print("rank agreement with the final value, by report:",
+          " ".join(f"{k + 1}:{rho:+.2f}" for k, rho in enumerate(rhos)))
+    return rhos
 
 
 def report(args) -> None:

@@ -153,7 +153,7 @@ def _fake_trainer(tmp_path, **history) -> types.SimpleNamespace:
         plots=types.SimpleNamespace(wait=lambda: None), validator=None, run_dir=tmp_path,
         tracker=types.SimpleNamespace(run_id=None, log_artifact=lambda *a: None),
         step=1, total_steps=1, epoch=0, samples_seen=4, best_metric=None, counts={},
-        _started=0.0,
+        _started=0.0, draws_plots=lambda: True,
     )
 
 

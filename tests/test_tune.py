@@ -92,7 +92,17 @@ def test_pruned_trial_is_killed_resume_adds_trials_and_best_config_trains(workdi
     assert children[0].info.status == "FINISHED"
     assert children[1].info.status == "KILLED"
     assert children[1].data.tags["status"] == "pruned"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    # The pruned trial keeps its report but draws no figures (tracking.plots=unless_pruned).
+    client = mlflow.MlflowClient()
+    for number, drawn in ((0, True), (1, False)):
+        run_id = children[number].info.run_id
+        top = {a.path for a in client.list_artifacts(run_id)}
+        assert "summary.md" in top and "health" in top
+        plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+        assert bool(plots) is drawn, (number, plots)
+        if drawn:
+            assert {"plots/training.png", "plots/health.png", "plots/lr.png"} <= plots
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "best_config.yaml" in artifacts
 
     # Re-running the same study adds trials to it, under the same parent run.

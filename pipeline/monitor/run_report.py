@@ -335,7 +335,8 @@ def summary_markdown(history: History, run: dict, *, health: dict | None = None,
     lines = [
         *_overview(run, health),
         *_metrics_section(history, run),
-        *_health_section(health, run.get("counts") or {}),
+        *_health_section(health, run.get("counts") or {},
+                         plotted="plots/health.png" in plots),
         *_time_section(history, run),
         *_throughput_and_memory_section(history),
     ]
@@ -389,7 +390,8 @@ def _metrics_section(history: History, run: dict) -> list[str]:
     return lines
 
 
-def _health_section(health: dict | None, counts: dict[str, float]) -> list[str]:
+def _health_section(health: dict | None, counts: dict[str, float], *,
+                    plotted: bool = True) -> list[str]:
     """The status, then the checks that fired (worst first, then most frequent) with their
     suggestions, and the recovery counters."""
     lines = ["", f"## Health: {health['overall_status'] if health else 'checks off'}", ""]
@@ -407,7 +409,8 @@ def _health_section(health: dict | None, counts: dict[str, float]) -> list[str]:
             lines.append(f"- ... and {len(fired) - TOP_CHECKS} more")
         if not fired:
             lines.append("No health check fired.")
-        lines += ["", "Details: `health/report.md`; anomalies are marked in `plots/health.png`."]
+        lines += ["", "Details: `health/report.md`"
+                  + ("; anomalies are marked in `plots/health.png`." if plotted else ".")]
     counts = {k: v for k, v in counts.items() if v}
     if counts:
         lines += ["", "Recovery: " + ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items()))
@@ -519,11 +522,14 @@ def write_run_report(trainer, status: str) -> None:
         written = draw_plots(
             trainer.history, folder, grad_clip=trainer.cfg.trainer.grad_clip,
             calibration=residues, calibration_step=getattr(trainer, "_validated_at", None),
-        )
+        ) if trainer.draws_plots() else []
         for path in written:
             trainer.tracker.log_artifact(path, "plots")
+        plots = [f"plots/{p.name}" for p in written]
+        if (folder / "health.png").is_file():
+            plots.append("plots/health.png")
         text = summary_markdown(trainer.history, run_facts(trainer, status, error), health=health,
-                                plots=[f"plots/{p.name}" for p in written])
+                                plots=plots)
         summary = Path(trainer.run_dir) / "summary.md"
         summary.write_text(text)
         trainer.tracker.log_artifact(summary)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pipeline.config.fields import spec
 
@@ -30,6 +30,13 @@ class TrackingConfig:
     system_interval_s: float = spec(10.0, gt=0, help="seconds between system/* samples")
     log_checkpoints: bool = spec(
         True, help="upload each checkpoint (as last.pt) and best.pt to checkpoints/ as written"
+    )
+    plots: Literal["always", "unless_pruned", "never"] = spec(
+        "unless_pruned",
+        help="draw the run's figures (plots/*.png: training curves, health, run report): "
+        "always; unless_pruned (a tuning trial stopped by the pruner keeps its metrics, "
+        "health report and summary.md, but its end-of-run figures are not drawn: they cost "
+        "seconds per trial, as much as its training on short trials); never",
     )
     register_model: str | None = spec(
         None, help="register the logged model under this name in the MLflow model registry"

@@ -744,7 +744,8 @@ class Trainer:
         self._remember(end_metrics)
         self._log_health_report()
         self.plots.wait()  # matplotlib's text layout is not thread-safe: one figure at a time
-        runtime.log_training_plot(self.tracker, self.history)
+        if self.draws_plots():
+            runtime.log_training_plot(self.tracker, self.history)
         if self._stop_reason != "pruned":
             self._log_model()
         status = self._stop_reason or "finished"
@@ -793,7 +794,13 @@ class Trainer:
         if stopped is not None:
             report["stopped"] = stopped
         runtime.write_health_report(self.tracker, self.run_dir, report, report_markdown(report))
-        self.plots.submit(report)
+        if self.draws_plots():
+            self.plots.submit(report)
+
+    def draws_plots(self) -> bool:
+        """Whether figures are drawn now (``tracking.plots``; a pruned trial draws none)."""
+        mode = self.cfg.tracking.plots
+        return mode == "always" or (mode == "unless_pruned" and self._stop_reason != "pruned")
 
     def _upload_checkpoint(self, path: Path) -> None:
         """Called where the checkpoint was written, once it and its checksum are complete."""

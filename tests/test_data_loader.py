@@ -236,6 +236,31 @@ def test_a_position_jump_reopens_the_stream(splits):
     loader.close()
 
 
+def test_workers_start_clean_while_another_thread_holds_a_lock(splits, monkeypatch):
+    """A lock held by another thread of the training process (here tempfile's, which a worker
+    needs to pass tensors back) must not reach the workers: forked, they inherit it held and
+    hang for ever; started from the fork server (the default), they deliver."""
+    import tempfile
+    import threading
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # workers look the directory up afresh
+    loader = build_train_loader(splits.train, LoaderConfig(num_workers=2, prefetch_factor=2),
+                                batch_size=4, seed=5, device=CPU)
+    assert loader._loader.multiprocessing_context.get_start_method() == "forkserver"
+    loader.set_epoch(0)
+    delivered = []
+    reader = threading.Thread(target=lambda: delivered.extend(_keys(b) for b in loader),
+                              daemon=True)
+    with tempfile._once_lock:  # held for a moment, as by a tracker thread inside mkdtemp,
+        reader.start()         # while the workers start
+        time.sleep(2.0)
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "the loader's workers hung"
+    assert delivered == _epochs_fresh(splits, (0,), batch_size=4, seed=5)[0]
+    loader.close()
+
+
 def test_loader_delivers_on_the_requested_device_and_measures_the_wait(splits):
     loader = build_train_loader(
         splits.train, LoaderConfig(device_prefetch=False), batch_size=6, seed=0, device=CPU

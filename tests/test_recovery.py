@@ -335,7 +335,13 @@ def test_loader_worker_processes_end_with_the_run(tmp_path):
     try:
         result = train(_config(tmp_path, "tracking.enabled=false", "loader.num_workers=2",
                                "trainer.epochs=1"))
-        left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+        # multiprocessing's fork server and resource tracker, children of this process, stay
+        # for its lifetime (reused by every later loader); the workers, forked from the fork
+        # server (so one level further down), are what must be gone
+        helpers = {p.pid for p in me.children()
+                   if any(h in " ".join(p.cmdline()) for h in ("forkserver", "resource_tracker"))}
+        left = [p for p in me.children(recursive=True)
+                if p.pid not in before | helpers and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         gc.enable()

@@ -78,6 +78,13 @@ class LoaderConfig:
         help="batches prefetched per worker (when workers > 0) and depth of the device "
         "prefetch queue",
     )
+    start_method: Literal["forkserver", "spawn", "fork"] = spec(
+        "forkserver",
+        help="how worker processes start. 'fork' copies the training process with its "
+        "threads' locks (the tracker's, the metrics sampler's) and can hang a worker for ever; "
+        "'forkserver' (Linux) and 'spawn' start workers from a clean process and pickle the "
+        "dataset to each, once per run",
+    )
     pin_memory: bool = spec(
         True, help="page-locked host batches for asynchronous copies (CUDA only)"
     )

@@ -427,6 +427,7 @@ class TrainLoader:
             # pinned host memory only helps (and only works) for copies to a CUDA device
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             persistent_workers=workers > 0,
+            multiprocessing_context=cfg.start_method if workers > 0 else None,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             # Every new iterator draws a base seed; from a private generator, not torch's
             # global one, so that a resumed run (one extra iterator) keeps the same RNG stream.

@@ -9,6 +9,8 @@ the pipeline's own writer, so no data has to travel) read with ``data.source=fil
   no device prefetch: the baseline the issue names.
 - ``prefetch-f{1,2,4,8}``: ``--workers`` worker processes, pinned memory, device prefetch on a
   side stream, ``loader.prefetch_factor`` 1, 2, 4, 8.
+- ``prefetch-f{1,2}-no-epoch-ckpt``: the same without epoch-end checkpoints, whose background
+  write competes for the GIL with the next epoch's first fetch.
 - ``memory-cache``: ``num_workers=0`` with ``loader.cache=memory``: no parsing after the scan.
 
 Per variant: median step time, median data wait, data-wait share of the step time, samples/s
@@ -33,6 +35,12 @@ VARIANTS = {
     **{f"prefetch-f{f}": ["loader.num_workers={workers}", "loader.pin_memory=true",
                           "loader.device_prefetch=true", f"loader.prefetch_factor={f}",
                           "loader.cache=none"] for f in (1, 2, 4, 8)},
+    # the same without epoch-end checkpoints: their background write serialises the state on
+    # the GIL while the next epoch's first batch is fetched
+    **{f"prefetch-f{f}-no-epoch-ckpt": ["loader.num_workers={workers}", "loader.pin_memory=true",
+                                        "loader.device_prefetch=true", f"loader.prefetch_factor={f}",
+                                        "loader.cache=none", "trainer.checkpoint_every_epochs=0"]
+       for f in (1, 2)},
     "memory-cache": ["loader.num_workers=0", "loader.pin_memory=true",
                      "loader.device_prefetch=true", "loader.cache=memory"],
 }
@@ -85,10 +93,12 @@ def measure_loading(cfg, *, warmup: int) -> dict:
                       on_validation=None, extra_tags={})
     build_s = time.perf_counter() - built
     waits: list[float] = []
+    where: list[tuple[int, int]] = []  # (epoch, batches of the epoch consumed) at each step
     original = trainer.timer.observe
 
     def observe(step, *, step_s, data_wait_s):
         waits.append(data_wait_s)
+        where.append((trainer.epoch, trainer.batch_in_epoch))
         return original(step, step_s=step_s, data_wait_s=data_wait_s)
 
     trainer.timer.observe = observe
@@ -107,6 +117,14 @@ def measure_loading(cfg, *, warmup: int) -> dict:
         # epoch starts show up here: the longest waits and how many steps waited > 10 ms
         "max_data_wait_ms": 1000 * max(wait),
         "steps_waiting_over_10ms": sum(w > 0.01 for w in wait),
+        # where the long waits happen: an epoch's first batches, or anywhere
+        "waits_over_10ms": [
+            {"step": i + warmup + 1, "epoch": e, "batch_in_epoch": b, "ms": round(1000 * w, 1)}
+            for i, (w, (e, b)) in enumerate(zip(wait, where[warmup:])) if w > 0.01
+        ],
+        "wait_share_outside_first_2_batches": (
+            sum(w for w, (_, b) in zip(wait, where[warmup:]) if b > 2) / sum(steps)
+        ),
         "steps": len(steps),
         "samples_per_s": batch / statistics.median(steps),
     }

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.metrics import gdt, lddt, rmsd, score_batch, tm_score
+from pipeline.metrics import gdt, lddt, rmsd, score_batch, superimpose, tm_score
 from pipeline.metrics.lddt import _broadcast_distances
 
 logger = logging.getLogger("bench_metrics")
@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TM-score max_seeds of the validation budget (default exhaustive)")
     parser.add_argument("--skip-budgets", action="store_true",
                         help="skip part 4 (GDT/TM accuracy vs search budget)")
+    parser.add_argument("--parts-only", action="store_true",
+                        help="time only each metric's device time for the batch (quick; for "
+                             "comparing two trees interleaved, one run each)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -170,20 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
+            "package": str(Path(lddt.__code__.co_filename).parent),  # which tree was timed
         },
     }
     n = args.n
 
-    # 1. The whole validation metric set on the device.
-    val_budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_exh, scores_exh = timed(lambda: score_batch(md, rd, kd), device, args.repeats)
-    t_val, scores_val = timed(lambda: score_batch(md, rd, kd, **val_budget), device, args.repeats)
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     parts = {
         "rmsd": lambda: rmsd(md, rd, kd),
-        "rmsd_quaternion": lambda: rmsd(md, rd, kd, solver="quaternion"),
+        # the RMSD the long way: fit (Kabsch, SVD), move, measure
+        "rmsd_fit_and_measure": lambda: rmsd(superimpose(md, rd, kd), rd, kd, superpose=False),
         "lddt": lambda: lddt(md, rd, kd)[0],
         # lDDT's distances: direct-mode cdist (the CPU's path) and broadcast differences
         # (the CUDA path), to show which costs what on this device
@@ -192,6 +190,22 @@ def main(argv: list[str] | None = None) -> dict:
         "gdt_ts": lambda: gdt(md, rd, kd).score,
         "tm_score": lambda: tm_score(md, rd, kd),
     }
+    if args.parts_only:
+        result["device"] = {"parts_s": {k: timed(f, device, args.repeats)[0]
+                                        for k, f in parts.items()}}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_metrics.json").write_text(json.dumps(result, indent=2))
+        logger.info("parts (ms): %s", {k: round(v * 1e3, 3)
+                                       for k, v in result["device"]["parts_s"].items()})
+        return result
+
+    # 1. The whole validation metric set on the device.
+    val_budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_exh, scores_exh = timed(lambda: score_batch(md, rd, kd), device, args.repeats)
+    t_val, scores_val = timed(lambda: score_batch(md, rd, kd, **val_budget), device, args.repeats)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     part_times = {k: timed(f, device, args.repeats)[0] for k, f in parts.items()}
     result["device"] = {
         "metric_set_exhaustive_s": t_exh,

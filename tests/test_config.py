@@ -144,6 +144,11 @@ BAD_INPUTS = [
     (["--set", "trainer.early_stopping.metric=loss"], "error: trainer.early_stopping.metric: expected a val/* metric, got 'loss'"),
     (["--set", "faults.oom_at_steps=3"], "error: faults.oom_at_steps: expected a list of integers, got 3"),
     (["--set", "seed=-1"], "error: seed: expected a value >= 0, got -1"),
+    (
+        ["--scenario", "debug", "--set", "trainer.checkpoint_every_epochs=0"],
+        "error: trainer.checkpoint_every_epochs: 0 needs trainer.checkpoint_every_steps "
+        "(otherwise nothing is saved before the run ends)",
+    ),
     (["--epochs", "x"], "error: trainer.epochs: expected an integer, got 'x'"),
 ]
 

@@ -118,18 +118,15 @@ def test_search_solvers_agree(pair, seed):
         gdt(model, ref, mask, solver="svd").fractions,
         gdt(model, ref, mask, solver="quaternion").fractions,
     )
-    assert torch.allclose(
-        rmsd(model, ref, mask, solver="svd"), rmsd(model, ref, mask, solver="quaternion"),
-        atol=1e-5,
-    )
-    # a mirror image keeps its RMSD > 0 with either solver (both give proper rotations only)
+    # rmsd takes the residual from the singular values; fitting with either solver and
+    # measuring gives the same, mirror images included (proper rotations only).
     mirror = model * torch.tensor([-1.0, 1.0, 1.0])
-    assert torch.allclose(
-        rmsd(mirror, ref, mask, solver="svd"), rmsd(mirror, ref, mask, solver="quaternion"),
-        atol=1e-5,
-    )
-    with pytest.raises(ValueError, match="solver"):
-        rmsd(model, ref, mask, solver="lu")
+    for mobile in (model, mirror):
+        for solver in ("svd", "quaternion"):
+            fitted = superimpose(mobile.double(), ref.double(), mask, solver=solver)
+            measured = rmsd(fitted, ref.double(), mask, superpose=False)
+            assert torch.allclose(rmsd(mobile.double(), ref.double(), mask), measured, atol=1e-9)
+    assert (rmsd(mirror, ref, mask) > 1.0).all()
 
 
 def test_kabsch_recovers_a_known_rigid_motion():
@@ -392,6 +389,10 @@ def test_invalid_arguments_are_rejected(pair):
         rmsd(model[:, :10], ref, mask)
     with pytest.raises(ValueError, match="mask"):
         tm_score(model, ref, mask[:, :10])
+    with pytest.raises(ValueError, match="radius"):
+        lddt(model, ref, mask, radius=1e5)  # absent atoms are moved 1e6 A away
+    with pytest.raises(ValueError, match="solver"):
+        kabsch(model, ref, mask, solver="lu")
 
 
 # --------------------------------------------------------------------------- batch helpers

@@ -49,6 +49,15 @@ def test_oom_is_retried_in_smaller_chunks_without_losing_samples(tmp_path):
     assert state["split"] == 2  # later micro-batches run as two chunks of 2
 
 
+def test_epoch_end_checkpoints_follow_checkpoint_every_epochs(tmp_path):
+    result = train(_config(tmp_path, "tracking.enabled=false", "trainer.epochs=4",
+                           "trainer.keep_last=10", "trainer.checkpoint_every_epochs=2"))
+    per_epoch = result.step // 4
+    written = sorted(p.name for p in (tmp_path / "out").rglob("step-*.pt"))
+    assert written == [f"step-{2 * per_epoch:08d}.pt", f"step-{4 * per_epoch:08d}.pt"]
+    assert read_entry(Path(result.checkpoint), "epoch") == 4
+
+
 def test_split_grows_back_after_a_stable_period(tmp_path):
     result = train(_config(tmp_path, "tracking.enabled=false", "faults.oom_at_steps=[2]",
                            "recovery.grow_back_after_steps=3"))

@@ -34,14 +34,18 @@ DEFAULT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 #: that all-atom inputs of large RNAs do not materialise several (B, N, N) matrices.
 _BLOCK_ELEMENTS = 1 << 24
 
+#: Absent atoms are moved this far apart (see :func:`_lddt_sums`); radius and thresholds must
+#: stay far below it.
+_FAR = 1.0e6
+
 
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., M, N) Euclidean distances between the rows of ``a`` (..., M, 3) and ``b`` (..., N, 3).
 
     On the CPU ``torch.cdist`` (direct mode); elsewhere :func:`_broadcast_distances`: CUDA's
     direct-mode cdist kernel reduces each of the M x N three-term sums with a thread block of
-    its own, the suspected bulk of lDDT's 41 ms for 64 x 500 nt on the H100 (not yet timed
-    apart: ``benchmarks/bench_metrics.py`` times both paths, docs/benchmarks.md).
+    its own, and was most of lDDT's time on the H100 (64 x 500 nt: cdist 19.7 ms, broadcast
+    differences 0.46 ms; docs/benchmarks.md).
     """
     if a.device.type == "cpu":
         return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
@@ -50,12 +54,28 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The same distances from three broadcast coordinate differences: a few memory-bound
-    passes over (..., M, N). Equal to direct-mode cdist up to float32 rounding."""
+    passes over (..., M, N), squared and summed in place. Equal to direct-mode cdist up to
+    float32 rounding."""
     squared = None
     for k in range(3):
-        term = (a[..., :, None, k] - b[..., None, :, k]).square()
+        term = a[..., :, None, k] - b[..., None, :, k]
+        term.mul_(term)
         squared = term if squared is None else squared.add_(term)
     return squared.sqrt_()
+
+
+def _far_apart(coords: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``coords`` (float32) with each absent atom moved to its own point on a far line.
+
+    Atom ``i`` goes to ``(_FAR * (i + 1), 0, 0)``: at least ``_FAR`` from every other atom,
+    present or absent. Its distances then exceed any radius, so it makes no contact, and
+    differ from the other structure's by more than any threshold, so its contacts fail every
+    test. This replaces three (B, N, N) pair masks with one (B, N, 3) ``where``.
+    """
+    n = coords.shape[-2]
+    line = torch.zeros(n, 3, dtype=torch.float32, device=coords.device)
+    line[:, 0] = _FAR * torch.arange(1, n + 1, dtype=torch.float32, device=coords.device)
+    return torch.where(present.unsqueeze(-1), coords.float(), line)
 
 
 def _lddt_sums(
@@ -68,7 +88,15 @@ def _lddt_sums(
     thresholds: tuple[float, ...],
     symmetric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-atom sums of preserved fractions and contact counts, both (B, N) float32."""
+    """Per-atom sums of preserved fractions and contact counts, both (B, N) float32.
+
+    Masks are folded into the coordinates (:func:`_far_apart`): an atom absent from the
+    reference is never within the radius; one absent from the model (present in the
+    reference) keeps its reference contacts, and its model distances, ~``_FAR``, fail every
+    threshold. What is left per (B, rows, N) block: two distance matrices, the contact test,
+    one ``bucketize`` for all thresholds and two sums. The self pair (distance 0 in both, a
+    contact passing every threshold) is subtracted afterwards rather than masked.
+    """
     if model.shape != reference.shape or model.shape[-1] != 3:
         raise ValueError(
             "model and reference must have the same shape (B, N, 3), but got "
@@ -86,13 +114,18 @@ def _lddt_sums(
         )
     if len(thresholds) == 0:
         raise ValueError("thresholds must not be empty.")
+    if not 0 <= radius < _FAR / 100 or not all(0 <= t < _FAR / 100 for t in thresholds):
+        raise ValueError(
+            f"radius and thresholds must lie in [0, {_FAR / 100:g}) A, but got "
+            f"radius={radius} and thresholds={thresholds}."
+        )
     ref_mask = ref_mask.bool()
     model_mask = ref_mask if model_mask is None else model_mask.bool() & ref_mask
-    # Masked atoms may hold NaN or garbage: zero them so that no NaN reaches a sum.
-    ref = torch.where(ref_mask.unsqueeze(-1), reference.float(), 0.0)
-    mod = torch.where(model_mask.unsqueeze(-1), model.float(), 0.0)
+    # Absent atoms may hold NaN or garbage: they are replaced, so no NaN reaches a sum.
+    ref = _far_apart(reference, ref_mask)
+    mod = _far_apart(model, model_mask)
     n = reference.shape[-2]
-    positions = torch.arange(n, device=reference.device)
+    n_thresholds = len(thresholds)
     bounds = torch.tensor(sorted(thresholds), dtype=torch.float32, device=reference.device)
     rows = max(1, _BLOCK_ELEMENTS // max(1, ref[..., 0].numel()))
     score_sum, count = [], []
@@ -100,23 +133,23 @@ def _lddt_sums(
         hi = min(n, lo + rows)
         d_ref = _distances(ref[..., lo:hi, :], ref)  # (B, rows, N)
         d_mod = _distances(mod[..., lo:hi, :], mod)
-        pair = ref_mask[..., lo:hi].unsqueeze(-1) & ref_mask.unsqueeze(-2)
-        if residue_index is None:
-            pair = pair & (positions[lo:hi].unsqueeze(-1) != positions)
-        else:
-            pair = pair & (residue_index[..., lo:hi].unsqueeze(-1) != residue_index.unsqueeze(-2))
-        both_present = model_mask[..., lo:hi].unsqueeze(-1) & model_mask.unsqueeze(-2)
-        within = d_ref <= radius
+        contacts = d_ref <= radius
         if symmetric:
-            within = within | ((d_mod <= radius) & both_present)
-        contacts = pair & within
+            contacts |= d_mod <= radius
+        if residue_index is not None:  # same-residue pairs, the self pair among them
+            same = residue_index[..., lo:hi].unsqueeze(-1) == residue_index.unsqueeze(-2)
+            contacts &= same.logical_not_()
+        block_count = contacts.sum(-1, dtype=torch.int32)
         # Thresholds passed: those >= |d_ref - d_mod|, i.e. all but the ones below it (one
-        # pass with bucketize instead of a compare and an add per threshold).
-        diff = d_mod.sub_(d_ref).abs_()
-        below = torch.bucketize(diff, bounds, out_int32=True)
-        passed = (len(thresholds) - below).masked_fill_(~(contacts & both_present), 0)
-        score_sum.append(passed.sum(-1, dtype=torch.float32) / len(thresholds))
-        count.append(contacts.sum(-1, dtype=torch.float32))
+        # bucketize for all thresholds); a non-contact gets an infinite difference, below all.
+        diff = d_mod.sub_(d_ref).abs_().masked_fill_(contacts.logical_not_(), float("inf"))
+        below = torch.bucketize(diff, bounds, out_int32=True).sum(-1, dtype=torch.int32)
+        block_passed = n_thresholds * n - below
+        if residue_index is None:  # the self pair: a contact that passes every threshold
+            block_count = block_count - 1
+            block_passed = block_passed - n_thresholds
+        score_sum.append(block_passed.float() / n_thresholds)
+        count.append(block_count.float())
     return torch.cat(score_sum, -1), torch.cat(count, -1)
 
 

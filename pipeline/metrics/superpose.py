@@ -159,6 +159,28 @@ def _weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.to(device=x.device, dtype=torch.float64)
 
 
+def _centred_moments(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Weighted moments of point pairs, float64: ``H = sum_i w_i (x_i - x_mean)(y_i -
+    y_mean)^T`` (..., 3, 3), the means (..., 3), ``G_x = sum_i w_i |x_i - x_mean|^2`` and
+    ``G_y`` (...,), and ``sum_i w_i`` (...,). Points with weight 0 never enter a sum."""
+    valid = (w != 0).unsqueeze(-1)
+    x = torch.where(valid, x.double(), 0.0)
+    y = torch.where(valid, y.double(), 0.0)
+    w_sum = w.sum(-1)
+    w_col = w.unsqueeze(-1)
+    x_mean = (w_col * x).sum(-2) / w_sum.clamp_min(1e-12).unsqueeze(-1)
+    y_mean = (w_col * y).sum(-2) / w_sum.clamp_min(1e-12).unsqueeze(-1)
+    xc = torch.where(valid, x - x_mean.unsqueeze(-2), 0.0)
+    yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
+    wxc = xc * w_col
+    h = wxc.transpose(-1, -2) @ yc
+    g_x = (wxc * xc).sum((-1, -2))
+    g_y = (w_col * yc * yc).sum((-1, -2))
+    return h, x_mean, y_mean, g_x, g_y, w_sum
+
+
 def kabsch(
     mobile: torch.Tensor,
     target: torch.Tensor,
@@ -197,16 +219,7 @@ def kabsch(
     fewer than 3 valid points give a well-defined (possibly non-unique) rotation and never NaN.
     """
     dtype = mobile.dtype
-    w = _weights(mobile, mask)
-    valid = (w != 0).unsqueeze(-1)
-    x = torch.where(valid, mobile.double(), 0.0)
-    y = torch.where(valid, target.double(), 0.0)
-    w_sum = w.sum(-1, keepdim=True).clamp_min(1e-12)
-    x_mean = (w.unsqueeze(-1) * x).sum(-2) / w_sum
-    y_mean = (w.unsqueeze(-1) * y).sum(-2) / w_sum
-    xc = (x - x_mean.unsqueeze(-2)) * w.unsqueeze(-1)
-    yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
-    h = xc.transpose(-1, -2) @ yc  # (..., 3, 3) covariance sum_i w_i x_i y_i^T
+    h, x_mean, y_mean, *_ = _centred_moments(mobile, target, _weights(mobile, mask))
     if solver == "svd":
         r = _proper_rotation(h)
     elif solver == "quaternion":
@@ -239,13 +252,19 @@ def rmsd(
     mask: torch.Tensor | None = None,
     *,
     superpose: bool = True,
-    solver: str = "svd",
 ) -> torch.Tensor:
     """Root-mean-square deviation between corresponding points, after optimal superposition.
 
     ``RMSD = sqrt(sum_i m_i |R x_i + t - y_i|^2 / sum_i m_i)`` with ``(R, t)`` the proper
     Kabsch fit of the model ``x`` onto the reference ``y`` over the same mask (equal weights;
     the design-brief convention and that of ``biotite.structure.superimpose`` + ``rmsd``).
+
+    The fitted coordinates are never formed: with centred coordinates the residual is
+    ``G_x + G_y - 2 max_R trace(R H)``, and over proper rotations that maximum is
+    ``s_1 + s_2 + sign(det H) s_3`` for the singular values ``s`` of the covariance ``H``
+    (Kabsch 1978; Theobald 2005 uses the same identity). This costs a third of the
+    operations of fitting and measuring (docs/benchmarks.md). In float64 the cancellation
+    in the difference costs ~1e-16 of ``G``: under 1e-6 A for 500 points spread over 100 A.
 
     Parameters
     ----------
@@ -255,8 +274,6 @@ def rmsd(
         (B, N) / (N,) bool: points that exist in both. Default: all.
     superpose : bool
         If False, the coordinates are compared as given (no fit).
-    solver : str
-        The fit's rotation solver, as in :func:`kabsch`.
 
     Returns
     -------
@@ -270,11 +287,14 @@ def rmsd(
             f"{tuple(model.shape)} and {tuple(reference.shape)}."
         )
     w = _weights(model, mask)
-    valid = (w != 0).unsqueeze(-1)
-    x = torch.where(valid, model.double(), 0.0)
-    y = torch.where(valid, reference.double(), 0.0)
-    if superpose:
-        x = superimpose(x, y, w, solver=solver)
-    sq = ((x - y) ** 2).sum(-1) * w
-    out = torch.sqrt(sq.sum(-1) / w.sum(-1).clamp_min(1e-12))
-    return out.to(model.dtype if model.is_floating_point() else torch.float32)
+    dtype = model.dtype if model.is_floating_point() else torch.float32
+    if not superpose:
+        valid = (w != 0).unsqueeze(-1)
+        diff = torch.where(valid, model.double() - reference.double(), 0.0)
+        sq = (diff * diff).sum(-1) * w
+        return torch.sqrt(sq.sum(-1) / w.sum(-1).clamp_min(1e-12)).to(dtype)
+    h, _, _, g_x, g_y, w_sum = _centred_moments(model, reference, w)
+    s = torch.linalg.svdvals(h)  # descending
+    fit = s[..., 0] + s[..., 1] + torch.where(_det3(h) < 0, -s[..., 2], s[..., 2])
+    residual = (g_x + g_y - 2.0 * fit).clamp_min(0.0)
+    return torch.sqrt(residual / w_sum.clamp_min(1e-12)).to(dtype)

@@ -366,7 +366,9 @@ class Trainer:
         self.batch_in_epoch = 0
         if self.should_validate():
             self.validate()
-        if self.consecutive_non_finite == 0:  # see should_checkpoint
+        every = self.cfg.trainer.checkpoint_every_epochs
+        # not while updates are being skipped: see should_checkpoint
+        if every and self.epoch % every == 0 and self.consecutive_non_finite == 0:
             self.save_checkpoint()
 
     def maybe_recover_non_finite(self) -> bool:
@@ -391,7 +393,8 @@ class Trainer:
         if target is None:
             self._stop_non_finite(
                 f"{streak} and no checkpoint to roll back to yet (the first is written after "
-                f"trainer.checkpoint_every_steps steps or at the end of the first epoch)"
+                f"trainer.checkpoint_every_steps steps or after trainer.checkpoint_every_epochs "
+                f"epochs)"
             )
         self._roll_back(target)
         return True

@@ -178,7 +178,8 @@ def main() -> None:
     print("\n| variant | median step (ms) | median data wait (ms) | data wait share | samples/s |")
     print("|---|---|---|---|---|")
     for name, rows in results["variants"].items():
-        med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "repeat"}
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+               if isinstance(rows[0][k], (int, float)) and k != "repeat"}
         print(f"| {name} | {med['median_step_ms']:.1f} | {med['median_data_wait_ms']:.2f} | "
               f"{100 * med['data_wait_share']:.1f}% | {med['samples_per_s']:.0f} |")
 

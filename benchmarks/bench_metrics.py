@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TM-score max_seeds of the validation budget (default exhaustive)")
     parser.add_argument("--skip-budgets", action="store_true",
                         help="skip part 4 (GDT/TM accuracy vs search budget)")
-    parser.add_argument("--parts-only", action="store_true",
-                        help="time only each metric's device time for the batch (quick; for "
-                             "comparing two trees interleaved, one run each)")
+    parser.add_argument("--parts-only", nargs="*", default=None, metavar="PART",
+                        help="time only these metrics' device time for the batch (all parts if "
+                             "none named): quick, for comparing two trees interleaved")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -190,9 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
         "gdt_ts": lambda: gdt(md, rd, kd).score,
         "tm_score": lambda: tm_score(md, rd, kd),
     }
-    if args.parts_only:
-        result["device"] = {"parts_s": {k: timed(f, device, args.repeats)[0]
-                                        for k, f in parts.items()}}
+    if args.parts_only is not None:
+        chosen = args.parts_only or list(parts)
+        unknown = sorted(set(chosen) - set(parts))
+        if unknown:
+            parser.error(f"--parts-only: unknown part(s) {unknown}; choose from {list(parts)}")
+        result["device"] = {"parts_s": {k: timed(parts[k], device, args.repeats)[0]
+                                        for k in chosen}}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_metrics.json").write_text(json.dumps(result, indent=2))
         logger.info("parts (ms): %s", {k: round(v * 1e3, 3)

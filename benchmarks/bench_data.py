@@ -29,17 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
+
+def _prefetch(factor: int) -> list[str]:
+    return ["loader.num_workers={workers}", "loader.pin_memory=true",
+            "loader.device_prefetch=true", f"loader.prefetch_factor={factor}", "loader.cache=none"]
+
+
 VARIANTS = {
     "plain": ["loader.num_workers=0", "loader.pin_memory=false", "loader.device_prefetch=false",
               "loader.cache=none"],
-    **{f"prefetch-f{f}": ["loader.num_workers={workers}", "loader.pin_memory=true",
-                          "loader.device_prefetch=true", f"loader.prefetch_factor={f}",
-                          "loader.cache=none"] for f in (1, 2, 4, 8)},
+    **{f"prefetch-f{f}": _prefetch(f) for f in (1, 2, 4, 8)},
     # the same without epoch-end checkpoints: their background write serialises the state on
     # the GIL while the next epoch's first batch is fetched
-    **{f"prefetch-f{f}-no-epoch-ckpt": ["loader.num_workers={workers}", "loader.pin_memory=true",
-                                        "loader.device_prefetch=true", f"loader.prefetch_factor={f}",
-                                        "loader.cache=none", "trainer.checkpoint_every_epochs=0"]
+    **{f"prefetch-f{f}-no-epoch-ckpt": [*_prefetch(f), "trainer.checkpoint_every_epochs=0"]
        for f in (1, 2)},
     "memory-cache": ["loader.num_workers=0", "loader.pin_memory=true",
                      "loader.device_prefetch=true", "loader.cache=memory"],

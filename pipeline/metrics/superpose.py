@@ -28,6 +28,8 @@ Conventions (design brief, section 4):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 __all__ = ["kabsch", "rmsd", "superimpose"]
@@ -159,12 +161,20 @@ def _weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.to(device=x.device, dtype=torch.float64)
 
 
+class _Moments(NamedTuple):
+    covariance: torch.Tensor  # H = sum_i w_i (x_i - x_mean)(y_i - y_mean)^T, (..., 3, 3)
+    x_mean: torch.Tensor  # (..., 3)
+    y_mean: torch.Tensor  # (..., 3)
+    weight: torch.Tensor  # sum_i w_i, (...,)
+    spread: torch.Tensor | None  # G_x + G_y = sum_i w_i (|x_i - x_mean|^2 + |y_i - y_mean|^2)
+
+
 def _centred_moments(
-    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Weighted moments of point pairs, float64: ``H = sum_i w_i (x_i - x_mean)(y_i -
-    y_mean)^T`` (..., 3, 3), the means (..., 3), ``G_x = sum_i w_i |x_i - x_mean|^2`` and
-    ``G_y`` (...,), and ``sum_i w_i`` (...,). Points with weight 0 never enter a sum."""
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, spread: bool = False
+) -> _Moments:
+    """Weighted moments of point pairs in float64; points with weight 0 never enter a sum.
+    ``spread`` (what :func:`rmsd` needs besides the covariance) only when asked: :func:`kabsch`
+    runs in the training loss every step and does not need it."""
     valid = (w != 0).unsqueeze(-1)
     x = torch.where(valid, x.double(), 0.0)
     y = torch.where(valid, y.double(), 0.0)
@@ -172,13 +182,12 @@ def _centred_moments(
     w_col = w.unsqueeze(-1)
     x_mean = (w_col * x).sum(-2) / w_sum.clamp_min(1e-12).unsqueeze(-1)
     y_mean = (w_col * y).sum(-2) / w_sum.clamp_min(1e-12).unsqueeze(-1)
-    xc = torch.where(valid, x - x_mean.unsqueeze(-2), 0.0)
-    yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
+    xc = x - x_mean.unsqueeze(-2)  # finite at masked points (x is 0 there); weighted to 0 below
     wxc = xc * w_col
+    yc = torch.where(valid, y - y_mean.unsqueeze(-2), 0.0)
     h = wxc.transpose(-1, -2) @ yc
-    g_x = (wxc * xc).sum((-1, -2))
-    g_y = (w_col * yc * yc).sum((-1, -2))
-    return h, x_mean, y_mean, g_x, g_y, w_sum
+    g = (wxc * xc).sum((-1, -2)) + (w_col * yc * yc).sum((-1, -2)) if spread else None
+    return _Moments(h, x_mean, y_mean, w_sum, g)
 
 
 def kabsch(
@@ -219,7 +228,7 @@ def kabsch(
     fewer than 3 valid points give a well-defined (possibly non-unique) rotation and never NaN.
     """
     dtype = mobile.dtype
-    h, x_mean, y_mean, *_ = _centred_moments(mobile, target, _weights(mobile, mask))
+    h, x_mean, y_mean, _, _ = _centred_moments(mobile, target, _weights(mobile, mask))
     if solver == "svd":
         r = _proper_rotation(h)
     elif solver == "quaternion":
@@ -295,8 +304,9 @@ def rmsd(
         diff = torch.where(valid, model.double() - reference.double(), 0.0)
         sq = (diff * diff).sum(-1) * w
         return torch.sqrt(sq.sum(-1) / w.sum(-1).clamp_min(1e-12)).to(dtype)
-    h, _, _, g_x, g_y, w_sum = _centred_moments(model, reference, w)
+    moments = _centred_moments(model, reference, w, spread=True)
+    h = moments.covariance
     s = torch.linalg.svdvals(h)  # descending
     fit = s[..., 0] + s[..., 1] + torch.where(_det3(h) < 0, -s[..., 2], s[..., 2])
-    residual = (g_x + g_y - 2.0 * fit).clamp_min(0.0)
-    return torch.sqrt(residual / w_sum.clamp_min(1e-12)).to(dtype)
+    residual = (moments.spread - 2.0 * fit).clamp_min(0.0)
+    return torch.sqrt(residual / moments.weight.clamp_min(1e-12)).to(dtype)

@@ -9,8 +9,14 @@
    every ``--every`` steps and at epoch ends vs at epoch ends only, interleaved;
    the difference in training wall time is the full cost of saving (stall, writer thread,
    uploads), beside the stall the trainer logs itself (``perf/checkpoint_stall_ms``).
+4. The writer thread's GIL time (``--gil-only``, runs on the CPU too): ``torch.save`` pickles
+   every tensor of the state in Python, holding the GIL. Timed: the write alone
+   (``write_checkpoint``: serialise, fsync, checksum), and ``--gil-ops`` tiny torch ops on the
+   main thread alone and beside a write, for each switch interval in ``--switch-intervals``
+   (Python's default is 5 ms). The difference is what the training thread loses to one write.
 
     python benchmarks/bench_checkpoint.py --preset base_model --steps 200 --every 50 --out OUT
+    python benchmarks/bench_checkpoint.py --gil-only --preset small_model --out OUT
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +167,54 @@ def whole_runs(args) -> list[dict]:
     return rows
 
 
+def _tiny_ops(n: int) -> float:
+    x = torch.zeros(8)
+    start = time.perf_counter()
+    for _ in range(n):
+        x = x + 1
+    return time.perf_counter() - start
+
+
+def gil_cost(args) -> dict:
+    from pipeline.config.loader import load_config
+    from pipeline.model import build_model
+    from pipeline.train.checkpoint import write_checkpoint
+
+    model = build_model(load_config(scenario="balanced", preset=args.preset, overrides=[]).model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the moments
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    tensors = len(state["model"]) + sum(
+        torch.is_tensor(v) for s in state["optimizer"]["state"].values() for v in s.values())
+    directory = Path(tempfile.mkdtemp(prefix="ckpt-gil-"))
+    write_ms = []
+    for i in range(args.repeats):
+        start = time.perf_counter()
+        write_checkpoint(directory / f"alone-{i}.pt", state)
+        write_ms.append(1000 * (time.perf_counter() - start))
+    result = {"preset": args.preset, "tensors": tensors, "ops": args.gil_ops,
+              "write_alone_ms": write_ms, "by_switch_interval": {}}
+    default = sys.getswitchinterval()
+    try:
+        for interval in args.switch_intervals:
+            sys.setswitchinterval(interval)
+            alone = [1000 * _tiny_ops(args.gil_ops) for _ in range(args.repeats)]
+            beside = []
+            for i in range(args.repeats):
+                writer = threading.Thread(
+                    target=write_checkpoint, args=(directory / f"beside-{i}.pt", state))
+                writer.start()
+                beside.append(1000 * _tiny_ops(args.gil_ops))
+                writer.join()
+            result["by_switch_interval"][f"{1000 * interval:g} ms"] = {
+                "ops_alone_ms": alone, "ops_beside_a_write_ms": beside}
+    finally:
+        sys.setswitchinterval(default)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="base_model")
@@ -168,9 +224,25 @@ def main() -> None:
     parser.add_argument("--stall-repeats", type=int, default=11)
     parser.add_argument("--skip-runs", action="store_true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--gil-only", action="store_true",
+                        help="only part 4, the writer thread's GIL time (CPU or GPU)")
+    parser.add_argument("--gil-ops", type=int, default=2000)
+    parser.add_argument("--switch-intervals", type=float, nargs="+",
+                        default=[0.005, 0.001, 0.0002])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.gil_only:
+        result = gil_cost(args)
+        (out / "checkpoint_gil.json").write_text(json.dumps(result, indent=1))
+        med = statistics.median
+        print(f"{result['preset']}: {result['tensors']} tensors; write alone: median "
+              f"{med(result['write_alone_ms']):.1f} ms")
+        for interval, r in result["by_switch_interval"].items():
+            print(f"switch interval {interval}: {args.gil_ops} tiny ops alone "
+                  f"{med(r['ops_alone_ms']):.1f} ms, beside a write "
+                  f"{med(r['ops_beside_a_write_ms']):.1f} ms (median of {args.repeats})")
+        return
     result = {"correctness": correctness()}
     print(result, flush=True)
     result["stall"] = stall(args)

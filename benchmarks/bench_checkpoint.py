@@ -14,6 +14,10 @@
    (``write_checkpoint``: serialise, fsync, checksum), and ``--gil-ops`` tiny torch ops on the
    main thread alone and beside a write, for each switch interval in ``--switch-intervals``
    (Python's default is 5 ms). The difference is what the training thread loses to one write.
+   Then the same through ``CheckpointManager`` with each ``--writers`` (``thread``: the write
+   above in a background thread; ``process``: serialised by the writer process), interleaved:
+   the ``save()`` call (the snapshot, a stall either way), the tiny ops beside the write that
+   follows it, and save-to-written alone.
 
     python benchmarks/bench_checkpoint.py --preset base_model --steps 200 --every 50 --out OUT
     python benchmarks/bench_checkpoint.py --gil-only --preset small_model --out OUT
@@ -212,7 +216,38 @@ def gil_cost(args) -> dict:
                 "ops_alone_ms": alone, "ops_beside_a_write_ms": beside}
     finally:
         sys.setswitchinterval(default)
+    result["by_writer"] = writer_cost(args, state, directory)
     return result
+
+
+def writer_cost(args, state: dict, directory: Path) -> dict:
+    """Per ``CheckpointManager`` writer: save() stall, tiny ops beside the write, whole write."""
+    from pipeline.train.checkpoint import CheckpointManager
+
+    managers = {w: CheckpointManager(directory / w, writer=w) for w in args.writers}
+    rows = {w: {"save_call_ms": [], "ops_alone_ms": [], "ops_beside_a_write_ms": [],
+                "save_to_written_ms": []} for w in args.writers}
+    try:
+        for manager in managers.values():  # the writer process's imports, the buffers
+            manager.save(state, 0)
+            manager.wait()
+        for i in range(args.repeats):
+            for writer, manager in managers.items():
+                row = rows[writer]
+                row["ops_alone_ms"].append(1000 * _tiny_ops(args.gil_ops))
+                start = time.perf_counter()
+                manager.save(state, 2 * i + 1)
+                row["save_call_ms"].append(1000 * (time.perf_counter() - start))
+                row["ops_beside_a_write_ms"].append(1000 * _tiny_ops(args.gil_ops))
+                manager.wait()
+                start = time.perf_counter()
+                manager.save(state, 2 * i + 2)
+                manager.wait()
+                row["save_to_written_ms"].append(1000 * (time.perf_counter() - start))
+    finally:
+        for manager in managers.values():
+            manager.close()
+    return rows
 
 
 def main() -> None:
@@ -229,6 +264,8 @@ def main() -> None:
     parser.add_argument("--gil-ops", type=int, default=2000)
     parser.add_argument("--switch-intervals", type=float, nargs="+",
                         default=[0.005, 0.001, 0.0002])
+    parser.add_argument("--writers", nargs="+", default=["thread", "process"],
+                        choices=["thread", "process"])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +279,11 @@ def main() -> None:
             print(f"switch interval {interval}: {args.gil_ops} tiny ops alone "
                   f"{med(r['ops_alone_ms']):.1f} ms, beside a write "
                   f"{med(r['ops_beside_a_write_ms']):.1f} ms (median of {args.repeats})")
+        for writer, r in result["by_writer"].items():
+            print(f"CheckpointManager(writer={writer!r}): save() {med(r['save_call_ms']):.1f} ms;"
+                  f" tiny ops alone {med(r['ops_alone_ms']):.1f} ms, beside the write "
+                  f"{med(r['ops_beside_a_write_ms']):.1f} ms; save to written "
+                  f"{med(r['save_to_written_ms']):.1f} ms (median of {args.repeats})")
         return
     result = {"correctness": correctness()}
     print(result, flush=True)

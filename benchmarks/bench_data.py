@@ -11,6 +11,8 @@ the pipeline's own writer, so no data has to travel) read with ``data.source=fil
   side stream, ``loader.prefetch_factor`` 1, 2, 4, 8.
 - ``prefetch-f{1,2}-no-epoch-ckpt``: the same without epoch-end checkpoints, whose background
   write competes for the GIL with the next epoch's first fetch.
+- ``prefetch-f{1,2}-thread-ckpt``: the same with checkpoints serialised by a thread of the
+  trainer (``trainer.checkpoint_writer=thread``) instead of the writer process.
 - ``memory-cache``: ``num_workers=0`` with ``loader.cache=memory``: no parsing after the scan.
 
 Per variant: median step time, median data wait, data-wait share of the step time, samples/s
@@ -43,22 +45,36 @@ VARIANTS = {
     # the GIL while the next epoch's first batch is fetched
     **{f"prefetch-f{f}-no-epoch-ckpt": [*_prefetch(f), "trainer.checkpoint_every_epochs=0"]
        for f in (1, 2)},
+    # checkpoints serialised by a thread of the trainer (before the writer process, which
+    # `auto` now picks on CUDA)
+    **{f"prefetch-f{f}-thread-ckpt": [*_prefetch(f), "trainer.checkpoint_writer=thread"]
+       for f in (1, 2)},
     "memory-cache": ["loader.num_workers=0", "loader.pin_memory=true",
                      "loader.device_prefetch=true", "loader.cache=memory"],
 }
 
 
+def _write_one(directory: Path, seed: int, index: int, max_length: int) -> None:
+    from pipeline.data.synthetic import synthetic_structure
+    from pipeline.io.structures import write_structure
+
+    sample = synthetic_structure(seed, index, split="train", min_length=48,
+                                 max_length=max_length).sample
+    write_structure(directory / f"{sample.name}.cif", sample.sequence, sample.coords,
+                    atom_mask=sample.atom_mask)
+
+
 def make_files(directory: Path, n: int, seed: int, max_length: int) -> float:
-    """Write ``n`` synthetic structures as mmCIF files; returns the mean parse time (ms)."""
-    from pipeline.data.synthetic import generate_synthetic
-    from pipeline.io.structures import read_structure, write_structure
+    """Write ``n`` synthetic structures as mmCIF files (the structures of
+    ``generate_synthetic(n, seed=seed)``, generated in parallel, one process per core);
+    returns the mean parse time (ms)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.io.structures import read_structure
 
     directory.mkdir(parents=True, exist_ok=True)
-    samples = generate_synthetic(n, seed=seed, split="train", min_length=48,
-                                 max_length=max_length)
-    for sample in samples:
-        write_structure(directory / f"{sample.name}.cif", sample.sequence, sample.coords,
-                        atom_mask=sample.atom_mask)
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_write_one, [directory] * n, [seed] * n, range(n), [max_length] * n))
     files = sorted(directory.glob("*.cif"))[:32]
     start = time.perf_counter()
     for path in files:

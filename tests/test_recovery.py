@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -99,16 +100,20 @@ def test_repeated_nan_stops_with_a_report(tmp_path):
     assert (tmp_path / "out").glob("runs/*/health/report.md")
 
 
-def test_sigterm_checkpoints_and_resume_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_checkpoints_and_resume_continues_the_same_run(tmp_path, writer, caplog):
     uninterrupted = train(_config(tmp_path / "a", "trainer.deterministic=true"))
-    with pytest.raises(Interrupted) as stop:
-        train(_config(tmp_path / "b", "trainer.deterministic=true", "faults.sigterm_at_step=3"))
+    with pytest.raises(Interrupted) as stop, caplog.at_level(logging.INFO, "pipeline.train"):
+        train(_config(tmp_path / "b", "trainer.deterministic=true", "faults.sigterm_at_step=3",
+                      f"trainer.checkpoint_writer={writer}"))
+    assert ("serialised by writer process" in caplog.text) == (writer == "process")
     assert stop.value.signum == signal.SIGTERM
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("diffold").experiment_id],
                               filter_string="tags.stop_reason = 'SIGTERM'")
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
-    resumed = train(_config(tmp_path / "b", "trainer.deterministic=true"), resume="auto")
+    resumed = train(_config(tmp_path / "b", "trainer.deterministic=true",
+                            f"trainer.checkpoint_writer={writer}"), resume="auto")
     assert resumed.run_id == runs[0].info.run_id  # one continuous MLflow run
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]

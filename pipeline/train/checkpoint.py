@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
 
 from pipeline.data.cache import content_hash
 from pipeline.errors import CheckpointError, DiskFullError
+from pipeline.train.checkpoint_process import Packed, PackedSnapshot, WriterDied, WriterProcess
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,12 @@ class CheckpointManager:
     ``wait()`` joins it; the trainer calls it before exit.
     ``on_written(path)`` runs where the write ran, once the checkpoint and its checksum are
     complete (the trainer hands it to the tracker for upload).
+
+    ``writer="process"`` serialises background saves in a writer process
+    (:mod:`pipeline.train.checkpoint_process`) instead of the thread, so that ``torch.save``'s
+    GIL time does not slow the training thread; the thread still waits for it and runs
+    ``on_written``. Blocking saves (the last one of a run) are written in the caller's thread
+    either way. :meth:`close` ends the writer process.
     """
 
     def __init__(
@@ -274,12 +281,21 @@ class CheckpointManager:
         keep_last: int = 2,
         on_written: Callable[[Path], None] | None = None,
         write_delay_s: float = 0.0,
+        writer: Literal["thread", "process"] = "thread",
     ):
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', but got {writer!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.on_written = on_written
         self.write_delay_s = write_delay_s
-        self._snapshot = HostSnapshot()
+        self._process: WriterProcess | None = None
+        if writer == "process":
+            self._snapshot: HostSnapshot | PackedSnapshot = PackedSnapshot()
+            self._process = WriterProcess()  # imports torch while training starts up
+            log.info("checkpoints are serialised by writer process %s", self._process.pid)
+        else:
+            self._snapshot = HostSnapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._failed_path: Path | None = None
@@ -296,11 +312,12 @@ class CheckpointManager:
         if name is None:
             self.last_path = path
         if blocking:
-            self._write(path, state)
+            self._write(path, state, in_process=False)
             self.wait()  # its error, now
         else:
             self._thread = threading.Thread(
-                target=self._write, args=(path, state), name="checkpoint-writer", daemon=False
+                target=self._write, args=(path, state, self._process is not None),
+                name="checkpoint-writer", daemon=False,
             )
             self._thread.start()
         return path
@@ -319,10 +336,19 @@ class CheckpointManager:
                 ) from error
             raise error
 
-    def _write(self, path: Path, state: dict) -> None:
+    def close(self) -> None:
+        """End the writer process (after the write in flight; its error is left to
+        :meth:`wait`). Saves after this are written by the thread."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    def _write(self, path: Path, state: dict | Packed, in_process: bool) -> None:
         try:
             self._snapshot.ready()
-            write_checkpoint(path, state, delay_s=self.write_delay_s)
+            self._write_state(path, state, in_process)
             if _STEP_FILE.match(path.name):
                 self.last_good = path
             self._prune()
@@ -330,6 +356,19 @@ class CheckpointManager:
                 self.on_written(path)
         except BaseException as exc:  # surfaced to the training thread by wait()
             self._error, self._failed_path = exc, path
+
+    def _write_state(self, path: Path, state: dict | Packed, in_process: bool) -> None:
+        process = self._process
+        if in_process and process is not None:
+            try:
+                process.write(path, state, delay_s=self.write_delay_s)
+                return
+            except WriterDied as exc:
+                log.warning("%s; writing checkpoints in the training process from now on", exc)
+                self._process = None
+        if isinstance(state, Packed):
+            state = state.unpack()
+        write_checkpoint(path, state, delay_s=self.write_delay_s)
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.directory.glob("step-*.pt") if _STEP_FILE.match(p.name))

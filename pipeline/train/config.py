@@ -43,9 +43,15 @@ class TrainerConfig:
     )
     checkpoint_every_epochs: int = spec(
         1, ge=0,
-        help="epochs between epoch-end checkpoints; 0: none at epoch ends (short epochs: each "
-             "write costs the training thread 12-17 ms of GIL time for small_model, "
-             "docs/benchmarks.md); with 0, checkpoint_every_steps must be set",
+        help="epochs between epoch-end checkpoints; 0: none at epoch ends (with 0, "
+             "checkpoint_every_steps must be set)",
+    )
+    checkpoint_writer: Literal["auto", "thread", "process"] = spec(
+        "auto",
+        help="who serialises background checkpoints: a thread of the trainer (its torch.save "
+             "holds the GIL, 12-17 ms of training-thread time per small_model write) or a "
+             "writer process (no GIL time for the trainer); auto = process on CUDA, thread on "
+             "the CPU",
     )
     keep_last: int = spec(2, ge=1, help="step checkpoints kept on disk")
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

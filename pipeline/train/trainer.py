@@ -218,6 +218,7 @@ class Trainer:
             keep_last=cfg.trainer.keep_last,
             on_written=self._upload_checkpoint if cfg.tracking.log_checkpoints else None,
             write_delay_s=cfg.faults.checkpoint_write_delay_s,
+            writer=self._checkpoint_writer(),
         )
         self.validator = Validator(cfg, self.model, self.val_batches, self.device, ctx.autocast)
         self.plots = HealthPlotWriter(
@@ -678,6 +679,15 @@ class Trainer:
             "tracking_unsent": self.tracker.unsent_points(),
         }
 
+    def _checkpoint_writer(self) -> str:
+        """``trainer.checkpoint_writer`` resolved: ``auto`` writes from a process where it pays,
+        on rank 0 (the only rank that saves) of a CUDA run."""
+        writer = self.cfg.trainer.checkpoint_writer
+        if writer == "auto":
+            cuda_rank0 = self.device.type == "cuda" and self.ctx.rank == 0
+            writer = "process" if cuda_rank0 else "thread"
+        return writer
+
     def save_checkpoint(self, *, blocking: bool = False, name: str | None = None) -> None:
         if self.ctx.rank == 0:
             start = time.perf_counter()
@@ -824,6 +834,7 @@ class Trainer:
             self.plots.wait()
             self.checkpoints.wait()
         finally:
+            self.checkpoints.close()
             self.tracker.close(status)
 
     @contextlib.contextmanager

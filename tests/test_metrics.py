@@ -339,6 +339,23 @@ def test_rmsd_matches_biotite_superimpose(seed):
     assert np.allclose(no_fit.numpy(), expected, rtol=1e-5)
 
 
+def test_rmsd_keeps_its_precision_far_from_the_origin_and_with_garbage_in_masked_points():
+    """rmsd sums raw moments (after an origin shift): a structure 5000 A from the origin, or
+    one whose masked-out points hold NaN and huge values, gives the RMSD of the plain case."""
+    ref = random_walk(3, 60, seed=7).double()
+    model = random_rigid(noisy(ref, 1.0, seed=8).double(), 2)
+    mask = torch.rand(3, 60, generator=torch.Generator().manual_seed(3)) > 0.2
+    expected = rmsd(model, ref, mask)
+    shift = torch.tensor([5000.0, -3000.0, 4000.0], dtype=torch.float64)
+    assert torch.allclose(rmsd(model + shift, ref - shift, mask), expected, atol=1e-7)
+    garbage_model, garbage_ref = model.clone(), ref.clone()
+    garbage_model[~mask] = float("nan")
+    garbage_ref[~mask] = 1e8
+    assert torch.allclose(rmsd(garbage_model, garbage_ref, mask), expected, atol=1e-9)
+    same = rmsd(ref + shift, ref + shift, mask)  # identical: 0, not the noise of a cancellation
+    assert (same < 1e-5).all()
+
+
 # --------------------------------------------------------------------------- TM-score, GDT
 
 

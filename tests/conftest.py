@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -70,3 +71,23 @@ def pg_url():
     yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of the asked size; unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"fs-{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

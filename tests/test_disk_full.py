@@ -29,26 +29,6 @@ RUN = [
 ]
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """Mount a tmpfs of the asked size; unmounted afterwards."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        point = tmp_path / f"fs-{len(mounted)}"
-        point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def _train(out: Path, tmp_path: Path, log_path: Path, *args: str) -> subprocess.Popen:
     """`train` in the background, stderr to ``log_path``; ``args``: more CLI arguments."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",

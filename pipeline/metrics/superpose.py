@@ -293,16 +293,15 @@ def rmsd(
             f"{tuple(model.shape)} and {tuple(reference.shape)}."
         )
     w = _weights(model, mask)
+    valid = (w != 0).unsqueeze(-1)
     dtype = model.dtype if model.is_floating_point() else torch.float32
     if not superpose:
-        valid = (w != 0).unsqueeze(-1)
         diff = torch.where(valid, model.double() - reference.double(), 0.0)
         sq = (diff * diff).sum(-1) * w
         return torch.sqrt(sq.sum(-1) / w.sum(-1).clamp_min(1e-12)).to(dtype)
     # All moments of the pairs from one product: [x y]^T W [x y] (6 x 6), the weighted sums
     # and the weight, after moving the origin near the centroid so that the raw moments keep
     # their precision in float64. Only these 43 numbers per structure go to the CPU.
-    valid = (w != 0).unsqueeze(-1)
     points = torch.where(valid, torch.cat([model, reference], -1).double(), 0.0)
     count = valid.sum(-2, keepdim=True).clamp_min(1)
     points = points - points.sum(-2, keepdim=True) / count  # the mean of the valid points

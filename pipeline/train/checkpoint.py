@@ -312,11 +312,11 @@ class CheckpointManager:
         if name is None:
             self.last_path = path
         if blocking:
-            self._write(path, state, in_process=False)
+            self._write(path, state, background=False)
             self.wait()  # its error, now
         else:
             self._thread = threading.Thread(
-                target=self._write, args=(path, state, self._process is not None),
+                target=self._write, args=(path, state, True),
                 name="checkpoint-writer", daemon=False,
             )
             self._thread.start()
@@ -345,10 +345,10 @@ class CheckpointManager:
             self._process.close()
             self._process = None
 
-    def _write(self, path: Path, state: dict | Packed, in_process: bool) -> None:
+    def _write(self, path: Path, state: dict | Packed, background: bool) -> None:
         try:
             self._snapshot.ready()
-            self._write_state(path, state, in_process)
+            self._write_state(path, state, background)
             if _STEP_FILE.match(path.name):
                 self.last_good = path
             self._prune()
@@ -357,9 +357,11 @@ class CheckpointManager:
         except BaseException as exc:  # surfaced to the training thread by wait()
             self._error, self._failed_path = exc, path
 
-    def _write_state(self, path: Path, state: dict | Packed, in_process: bool) -> None:
+    def _write_state(self, path: Path, state: dict | Packed, background: bool) -> None:
+        """A background save goes to the writer process if there is one; a blocking save, or
+        one after the writer process died, is written here."""
         process = self._process
-        if in_process and process is not None:
+        if background and process is not None:
             try:
                 process.write(path, state, delay_s=self.write_delay_s)
                 return

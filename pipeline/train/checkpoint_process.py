@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,14 +67,20 @@ def _view(arena: torch.Tensor, slot: _Slot) -> torch.Tensor:
     return raw.view(slot.dtype).view(slot.shape)
 
 
+def _map_leaves(value: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """``value`` (nested dicts, lists, tuples) with every instance of ``leaf`` replaced by
+    ``fn(it)``, in depth-first order."""
+    if isinstance(value, leaf):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_leaves(v, leaf, fn) for v in value)
+    return value
+
+
 def _fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(skeleton, _TensorRef):
-        return tensors[skeleton.index]
-    if isinstance(skeleton, dict):
-        return {k: _fill(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(_fill(v, tensors) for v in skeleton)
-    return skeleton
+    return _map_leaves(skeleton, _TensorRef, lambda ref: tensors[ref.index])
 
 
 class PackedSnapshot:
@@ -127,14 +134,12 @@ class PackedSnapshot:
 
 def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
     """``value`` with each tensor replaced by a :class:`_TensorRef`; tensors appended."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value.detach())
+
+    def ref(tensor: torch.Tensor) -> _TensorRef:
+        tensors.append(tensor.detach())
         return _TensorRef(len(tensors) - 1)
-    if isinstance(value, dict):
-        return {k: _strip(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_strip(v, tensors) for v in value)
-    return value
+
+    return _map_leaves(value, torch.Tensor, ref)
 
 
 class WriterDied(RuntimeError):
@@ -165,7 +170,7 @@ class WriterProcess:
     def write(self, path: Path, packed: Packed, *, delay_s: float = 0.0) -> None:
         nbytes = packed.arena.numel()
         try:
-            self._conn.send(("write", str(path), delay_s, packed.skeleton, packed.slots, nbytes))
+            self._conn.send((str(path), delay_s, packed.skeleton, packed.slots, nbytes))
             if nbytes:
                 self._conn.send_bytes(packed.arena.numpy())  # os.write: the GIL is released
             reply = self._conn.recv()
@@ -204,18 +209,16 @@ def _serve(conn) -> None:
             return
         if message is None:
             return
-        _, path, delay_s, skeleton, slots, nbytes = message
-        if len(buffer) != nbytes:
-            buffer = bytearray(nbytes)
-        try:
-            if nbytes:
-                conn.recv_bytes_into(buffer)
-        except (EOFError, OSError):
-            return  # the pipe broke mid-message: the trainer is gone
+        path, delay_s, skeleton, slots, nbytes = message
+        arena = torch.empty(0, dtype=torch.uint8)  # frombuffer refuses an empty buffer
         if nbytes:
+            if len(buffer) != nbytes:
+                buffer = bytearray(nbytes)
+            try:
+                conn.recv_bytes_into(buffer)
+            except (EOFError, OSError):
+                return  # the pipe broke mid-message: the trainer is gone
             arena = torch.frombuffer(buffer, dtype=torch.uint8)
-        else:  # frombuffer refuses an empty buffer
-            arena = torch.empty(0, dtype=torch.uint8)
         try:
             write_checkpoint(Path(path), Packed(skeleton, slots, arena).unpack(), delay_s=delay_s)
             reply = ("ok",)

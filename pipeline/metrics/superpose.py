@@ -268,7 +268,8 @@ def rmsd(
     3x3 SVDs are solved (:func:`_rmsd_from_moments`), and the result comes back: a device
     sync, which validation can afford, instead of CUDA's batched SVD. 64 x 500 points on one
     core of the development machine: 1.8-3.8 ms against 5.6-6.1 ms for the previous version
-    (centred moments, ``svdvals`` on the device). In float64 the cancellation in the
+    (centred moments, ``svdvals`` on the device); on the H100 no faster than it (0.70-1.08 ms
+    against 0.81-0.83 ms, docs/benchmarks.md). In float64 the cancellation in the
     difference costs ~1e-16 of ``G``: ~1e-6 A for 500 points spread over 100 A, wherever
     they lie (the origin is moved to the mean of the valid points first; tested 5000 A away).
 

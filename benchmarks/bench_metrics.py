@@ -132,6 +132,29 @@ def biotite_per_structure(model: np.ndarray, ref: np.ndarray) -> dict | None:
     }
 
 
+def time_metric_set(
+    model: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, val_budget: dict, repeats: int,
+    **kwargs,
+) -> tuple[dict, dict, dict]:
+    """Timings of :func:`score_batch` on the batch, exhaustive and with ``val_budget``, and
+    the scores of both."""
+    device, n = model.device, model.shape[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_exh, scores_exh = timed(lambda: score_batch(model, ref, mask, **kwargs), device, repeats)
+    t_val, scores_val = timed(lambda: score_batch(model, ref, mask, **val_budget, **kwargs),
+                              device, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    timing = {
+        "metric_set_exhaustive_s": t_exh,
+        "metric_set_validation_budget_s": t_val,
+        "per_structure_exhaustive_ms": t_exh / n * 1e3,
+        "per_structure_validation_budget_ms": t_val / n * 1e3,
+        "peak_memory_gib": peak,
+    }
+    return timing, scores_exh, scores_val
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="structures in the batch")
@@ -150,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts-only", nargs="*", default=None, metavar="PART",
                         help="time only these metrics' device time for the batch (all parts if "
                              "none named): quick, for comparing two trees interleaved")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the metric set and its parts with compiled=True (fused "
+                             "kernels from torch.compile), with the compile time and agreement")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -189,7 +215,18 @@ def main(argv: list[str] | None = None) -> dict:
         "distances_broadcast": lambda: _broadcast_distances(md, rd),
         "gdt_ts": lambda: gdt(md, rd, kd).score,
         "tm_score": lambda: tm_score(md, rd, kd),
+        "lddt_plus_rmsd": lambda: (lddt(md, rd, kd)[0], rmsd(md, rd, kd)),
     }
+    if args.compiled:  # the first (untimed) call of each compiles
+        parts |= {
+            "rmsd_compiled": lambda: rmsd(md, rd, kd, compiled=True),
+            "lddt_compiled": lambda: lddt(md, rd, kd, compiled=True)[0],
+            "gdt_ts_compiled": lambda: gdt(md, rd, kd, compiled=True).score,
+            "tm_score_compiled": lambda: tm_score(md, rd, kd, compiled=True),
+            "lddt_plus_rmsd_compiled": lambda: (
+                lddt(md, rd, kd, compiled=True)[0], rmsd(md, rd, kd, compiled=True)
+            ),
+        }
     if args.parts_only is not None:
         chosen = args.parts_only or list(parts)
         unknown = sorted(set(chosen) - set(parts))
@@ -203,27 +240,37 @@ def main(argv: list[str] | None = None) -> dict:
                                        for k, v in result["device"]["parts_s"].items()})
         return result
 
-    # 1. The whole validation metric set on the device.
+    # 1. The whole validation metric set on the device, eager and (optionally) compiled.
     val_budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_exh, scores_exh = timed(lambda: score_batch(md, rd, kd), device, args.repeats)
-    t_val, scores_val = timed(lambda: score_batch(md, rd, kd, **val_budget), device, args.repeats)
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    timing, scores_exh, scores_val = time_metric_set(md, rd, kd, val_budget, args.repeats)
+    compiled = None
+    if args.compiled:
+        t0 = time.perf_counter()
+        first = score_batch(md, rd, kd, compiled=True)
+        first_call_s = time.perf_counter() - t0  # compilation of every fused kernel included
+        compiled, scores_c, _ = time_metric_set(md, rd, kd, val_budget, args.repeats,
+                                                compiled=True)
+        compiled |= {
+            "first_call_s": first_call_s,
+            "max_abs_diff_vs_eager": {
+                k: float((scores_c[k].double() - scores_exh[k].double()).abs().max())
+                for k in scores_exh
+            },
+            "first_call_equal": all(bool(torch.equal(first[k], scores_c[k])) for k in first),
+        }
+        logger.info("compiled: first call %.1f s, metric set %.3f s (exhaustive), %.3f s "
+                    "(validation budget)", first_call_s, compiled["metric_set_exhaustive_s"],
+                    compiled["metric_set_validation_budget_s"])
     part_times = {k: timed(f, device, args.repeats)[0] for k, f in parts.items()}
-    result["device"] = {
-        "metric_set_exhaustive_s": t_exh,
-        "metric_set_validation_budget_s": t_val,
+    result["device"] = timing | {
         "validation_budget": val_budget,
-        "per_structure_exhaustive_ms": t_exh / n * 1e3,
-        "per_structure_validation_budget_ms": t_val / n * 1e3,
         "parts_s": part_times,
-        "peak_memory_gib": peak_gib,
         "mean_scores": {k: float(v.mean()) for k, v in scores_exh.items()},
         "mean_scores_validation_budget": {k: float(v.mean()) for k, v in scores_val.items()},
+        "compiled": compiled,
     }
     logger.info("device %s: metric set %.3f s (exhaustive), %.3f s (validation budget)",
-                device, t_exh, t_val)
+                device, timing["metric_set_exhaustive_s"], timing["metric_set_validation_budget_s"])
 
     # 2. biotite per structure (CPU).
     bio = biotite_per_structure(model.numpy(), ref.numpy())
@@ -317,6 +364,16 @@ def to_markdown(r: dict) -> str:
     ]
     if dev["peak_memory_gib"] is not None:
         lines += [f"Peak GPU memory of the metric set: {dev['peak_memory_gib']:.2f} GiB.", ""]
+    comp = dev.get("compiled")
+    if comp:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in comp["max_abs_diff_vs_eager"].items())
+        lines += [
+            f"Compiled (`compiled=True`): first call {comp['first_call_s']:.1f} s (compilation "
+            f"included); then {comp['per_structure_exhaustive_ms']:.3f} ms per structure "
+            f"exhaustive, {comp['per_structure_validation_budget_ms']:.3f} ms with the "
+            f"validation budget. Max |compiled - eager|: {diffs}.",
+            "",
+        ]
     if bio is None:
         lines += ["biotite not installed here: no biotite timings or cross-check.", ""]
     else:

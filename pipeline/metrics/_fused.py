@@ -5,17 +5,18 @@ they launch and by memory passes over (B, N, N) or (B, T, N) intermediates, not 
 arithmetic (docs/benchmarks.md). The functions here state the same computations in a form
 that TorchInductor fuses into a few kernels: pair distances written as three broadcast
 differences so that they fuse into the reductions that consume them, sums of comparisons
-instead of ``bucketize``, explicit 15-term contractions instead of small matrix products, and
-Newton's method with a fixed number of steps instead of a solver call or a host-synced
-convergence test. No (B, N, N) tensor is materialised by lDDT; the search writes one boolean
-(B, T, N) subset per refit.
+instead of ``bucketize``, and an explicit 15-term expansion instead of a small matrix
+product. lDDT materialises no (B, N, N) tensor; a refit of the search writes one boolean
+(B, T, N) subset (and the float64 distances only where TM-score's cutoff relaxation needs
+them). The 3x3 fits themselves stay eager (RMSD's SVDs on the CPU; the searches' solver).
 
 They are used where a metric is called with ``compiled=True`` (see
-:func:`pipeline.metrics.score_batch`). Compilation costs seconds on the first call per
-input rank and dtype; shapes are marked dynamic after the first change, so later lengths and
-batch sizes reuse the kernels. Results equal the eager functions' to float rounding (the
-generated code may contract multiply-adds); the tests compare them on CPU, where Inductor
-generates C++.
+:func:`pipeline.metrics.score_batch`). The first call per input rank compiles (38-52 s for
+the whole set on a 2-core CPU); shapes are dynamic, so later lengths and batch sizes reuse
+the kernels (a size of 1, or one equal to another size at the first call, may be
+specialised and cost one more compilation). Results equal the eager functions' to float
+rounding (the generated code may contract multiply-adds); the tests compare them with
+biotite and with the eager functions on the CPU, where Inductor generates C++.
 """
 
 from __future__ import annotations
@@ -28,9 +29,21 @@ import torch
 
 @functools.cache
 def fused(fn: Callable) -> Callable:
-    """``torch.compile(fn, fullgraph=True)``, built once per function (a graph break would
-    silently fall back to the slow eager pieces; ``fullgraph`` makes it an error)."""
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+    """``fn`` compiled once per function, run without autograd.
+
+    ``fullgraph``: a graph break would silently fall back to slow eager pieces, so it is an
+    error. ``dynamic``: one kernel per input rank serves every length and batch size.
+    Autograd is off inside (metrics are never differentiated), so that the caller's grad
+    mode does not cost another compilation.
+    """
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.no_grad():
+            return compiled(*args)
+
+    return run
 
 
 def _pair_distances(a: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,17 @@ def fused(fn: Callable) -> Callable:
     return run
 
 
-def _pair_distances(a: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) distances between the rows of ``a`` (B, N, 3), as broadcast differences."""
+def broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., M, N) distances between the rows of ``a`` (..., M, 3) and ``b`` (..., N, 3) from
+    three broadcast coordinate differences, squared and summed in place: a few memory-bound
+    passes over (..., M, N) in eager mode (lDDT's path on CUDA), one fused expression in a
+    compiled kernel. Equal to direct-mode cdist up to float32 rounding."""
     squared = None
     for k in range(3):
-        d = a[..., :, None, k] - a[..., None, :, k]
-        squared = d * d if squared is None else squared + d * d
-    return squared.sqrt()
+        term = a[..., :, None, k] - b[..., None, :, k]
+        term.mul_(term)
+        squared = term if squared is None else squared.add_(term)
+    return squared.sqrt_()
 
 
 def lddt_pair_sums(
@@ -69,8 +73,8 @@ def lddt_pair_sums(
     (:func:`pipeline.metrics.lddt._far_apart`); the conventions are those of
     :func:`pipeline.metrics.lddt._lddt_sums`.
     """
-    d_ref = _pair_distances(reference)
-    d_mod = _pair_distances(model)
+    d_ref = broadcast_distances(reference, reference)
+    d_mod = broadcast_distances(model, model)
     contacts = d_ref <= radius
     if symmetric:
         contacts = contacts | (d_mod <= radius)
@@ -82,6 +86,19 @@ def lddt_pair_sums(
         passed = passed + (diff <= t).to(torch.int32)
     passed = torch.where(contacts, passed, 0).sum(-1, dtype=torch.int32)
     return passed, contacts.sum(-1, dtype=torch.int32)
+
+
+def expansion_coefficients(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, T, 15) coefficients of ``|R x + t - y|^2 - |x|^2 - |y|^2 - |t|^2`` against the
+    search's per-residue features ``[x, y, y_i x_j]``."""
+    return torch.cat(
+        [
+            2.0 * (r.transpose(-1, -2) @ t.unsqueeze(-1)).squeeze(-1),
+            -2.0 * t,
+            -2.0 * r.reshape(r.shape[:-2] + (9,)),
+        ],
+        -1,
+    )
 
 
 def subset_moments(subset: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
@@ -112,14 +129,7 @@ def score_fits(
     15-term expansion of ``|R x + t - y|^2`` is written out so that the distances are formed
     inside the kernel that consumes them.
     """
-    coef = torch.cat(
-        [
-            2.0 * (r.transpose(-1, -2) @ t.unsqueeze(-1)).squeeze(-1),
-            -2.0 * t,
-            -2.0 * r.reshape(r.shape[:-2] + (9,)),
-        ],
-        -1,
-    )  # (B, T, 15)
+    coef = expansion_coefficients(r, t)
     d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True)
     for k in range(features.shape[1]):
         d2 = d2 + coef[..., k, None] * features[:, None, k, :]

@@ -27,7 +27,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.metrics._fused import fused, score_fits, subset_moments
+from pipeline.metrics._fused import (
+    expansion_coefficients,
+    fused,
+    score_fits,
+    subset_moments,
+)
 from pipeline.metrics.superpose import _fit_from_moments
 
 #: Default bound on B x T x N entries per chunk (about 40 bytes each at the peak: float64
@@ -246,16 +251,8 @@ def superposition_search(
                 )
             else:
                 r, t = _fit_from_moments(torch.bmm(subset.double(), moments), solver=solver)
-                coef = torch.cat(
-                    [
-                        2.0 * (r.transpose(-1, -2) @ t.unsqueeze(-1)).squeeze(-1),
-                        -2.0 * t,
-                        -2.0 * r.reshape(r.shape[:-2] + (9,)),
-                    ],
-                    -1,
-                )
                 d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True)
-                d2 = d2 + torch.bmm(coef, features_t)
+                d2 = d2 + torch.bmm(expansion_coefficients(r, t), features_t)
                 # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
                 d2 = torch.where(valid3, d2.clamp_min(0.0), math.inf)
                 scores = score_fn(d2, *score_args)

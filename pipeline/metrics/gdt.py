@@ -93,13 +93,13 @@ def _lga_widths(window_sizes: Sequence[int]):
     return widths
 
 
-@torch.no_grad()
 def _counts_within(d2: torch.Tensor, cut2: tuple[float, ...]) -> torch.Tensor:
     """(B, T, C) residues within each cutoff (squared, A^2) of every superposition. One
     cutoff at a time: no (B, T, C, N) temporary."""
     return torch.stack([(d2 < c2).sum(-1) for c2 in cut2], -1).double()
 
 
+@torch.no_grad()
 def gdt(
     model: torch.Tensor,
     reference: torch.Tensor,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.metrics._fused import broadcast_distances as _broadcast_distances
 from pipeline.metrics._fused import fused, lddt_pair_sums
 
 __all__ = ["DEFAULT_THRESHOLDS", "lddt", "lddt_per_residue"]
@@ -52,18 +53,6 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
     return _broadcast_distances(a, b)
-
-
-def _broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The same distances from three broadcast coordinate differences: a few memory-bound
-    passes over (..., M, N), squared and summed in place. Equal to direct-mode cdist up to
-    float32 rounding."""
-    squared = None
-    for k in range(3):
-        term = a[..., :, None, k] - b[..., None, :, k]
-        term.mul_(term)
-        squared = term if squared is None else squared.add_(term)
-    return squared.sqrt_()
 
 
 def _far_apart(coords: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,12 @@ def tm_fragment_lengths(n_aligned: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
 def _tm_sums(d2: torch.Tensor, inv_d02: torch.Tensor, inv_l: torch.Tensor) -> torch.Tensor:
     """(B, T, 1) TM-score of every superposition: ``sum 1 / (1 + d^2 / d0^2) / L_ref``."""
     return ((1.0 / (1.0 + d2 * inv_d02)).sum(-1) * inv_l).unsqueeze(-1)
 
 
+@torch.no_grad()
 def tm_score(
     model: torch.Tensor,
     reference: torch.Tensor,

@@ -414,6 +414,36 @@ def test_forward_and_sample_under_bf16_autocast():
     assert pred["coords"].dtype == torch.float32 and torch.isfinite(pred["coords"]).all()
 
 
+def test_attention_masks_are_dense_in_their_last_dimension(monkeypatch):
+    """Every attention call (trunk, diffusion, confidence head; training and sampling) hands
+    SDPA a mask whose last dimension has stride 1. The fused CUDA kernels require it; a
+    permuted pair bias made SDPA fall back to its math path, with no error, for all of the
+    model's attention (seen in an H100 profile: no attention kernel at all)."""
+    import torch.nn.functional as F
+
+    from pipeline.model import layers
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        seen.append((tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype, q.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recording)
+    model = make_model(confidence_blocks=2)
+    batch = make_batch([9, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch)["loss"].backward()
+        model.sample(features(batch), n_samples=2, generator=torch.Generator().manual_seed(0))
+    cfg = model.cfg
+    per_pass = cfg.n_blocks + cfg.diffusion_n_blocks + cfg.confidence_blocks
+    assert len(seen) >= 2 * per_pass
+    for shape, stride, mask_dtype, q_dtype in seen:
+        assert stride[-1] == 1 or shape[-1] == 1, (shape, stride)
+        assert mask_dtype == q_dtype == torch.bfloat16, (shape, mask_dtype, q_dtype)
+
+
 def test_coordinates_stay_float32_under_autocast():
     g = torch.Generator().manual_seed(0)
     x = 40 * torch.randn(2, 9, N_ATOMS, 3, generator=g)

@@ -161,7 +161,8 @@ class DiffusionModule(nn.Module):
         b, length = mask.shape
         single = self.single_cond(torch.cat([s_trunk, s_inputs], dim=-1))
         bias = self.pair_cond(z_trunk).view(b, length, length, self.n_blocks, self.n_heads)
-        bias = bias.permute(3, 0, 4, 1, 2) + key_mask_bias(mask).to(bias.dtype)
+        # Contiguous (n_blocks, B, H, L, L): the fused attention kernels need it.
+        bias = bias.permute(3, 0, 4, 1, 2).contiguous() + key_mask_bias(mask).to(bias.dtype)
         return Conditioning(single=single, pair_bias=bias, mask=mask)
 
     def forward(
@@ -200,7 +201,7 @@ class DiffusionModule(nn.Module):
 
         d = pairwise_distances(r[:, :, :, REPRESENTATIVE_ATOM].flatten(0, 1))
         rbf = torch.exp(-(((d[..., None] - self.rbf_centers) / self.rbf_width) ** 2))
-        geometry = self.geometry_bias(rbf).permute(0, 3, 1, 2)
+        geometry = self.geometry_bias(rbf).permute(0, 3, 1, 2).contiguous()
         geometry = geometry.view(b, n_samples, self.n_heads, length, length)
         for block, pair_bias in zip(self.blocks, cond.pair_bias):
             a = run_block(block, a, s, pair_bias, geometry, checkpoint=self.checkpoint)

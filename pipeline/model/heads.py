@@ -94,7 +94,7 @@ class ConfidenceHead(nn.Module):
         bins = torch.bucketize(d, self.edges)
         bias = self.pair_bias(z)[:, None] + self.distance_bias(bins)  # (B, S, L, L, H * blocks)
         bias = bias.view(b * n_samples, length, length, self.n_blocks, self.n_heads)
-        bias = bias.permute(3, 0, 4, 1, 2)
+        bias = bias.permute(3, 0, 4, 1, 2).contiguous()  # see AttentionPairBias
         key_bias = key_mask_bias(mask).repeat_interleave(n_samples, dim=0).to(bias.dtype)
         x = self.single_in(s).repeat_interleave(n_samples, dim=0)  # (B*S, L, ds)
         blocks = zip(self.norms, self.attns, self.transitions, bias)

@@ -41,7 +41,10 @@ class AttentionPairBias(nn.Module):
 
     The input is expected to be normalised already (by LayerNorm or AdaLN in the caller); the
     bias must hold the key mask. Uses :func:`torch.nn.functional.scaled_dot_product_attention`,
-    which picks the memory-efficient kernel on CUDA for a float mask.
+    which picks the memory-efficient kernel on CUDA for a float mask, provided the mask's last
+    dimension is dense (stride 1). A bias permuted from a (..., L, L, H) projection is not:
+    callers make it contiguous once, or SDPA silently falls back to its unfused math path,
+    which materialises the attention matrix (measured: all attention of the model ran there).
     """
 
     def __init__(self, d: int, n_heads: int) -> None:

@@ -91,7 +91,7 @@ class TrunkBlock(nn.Module):
         for tri in self.triangle:
             z = z + self.dropout(tri(z, pair_mask))
         z = z + self.pair_transition(z)
-        bias = self.pair_bias(z).permute(0, 3, 1, 2)
+        bias = self.pair_bias(z).permute(0, 3, 1, 2).contiguous()  # see AttentionPairBias
         bias = bias + key_mask_bias(mask).to(bias.dtype)
         s = s + self.dropout(self.attn(self.single_norm(s), bias))
         s = s + self.single_transition(s)

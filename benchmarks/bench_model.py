@@ -144,12 +144,15 @@ def trace_host_syncs(fn, device: torch.device) -> tuple[int | None, list[str]]:
     return sum(sites.values()), [f"{site} x{n}" for site, n in sites.most_common()]
 
 
-def _profiled(fn, device: torch.device) -> torch.profiler.profile:
-    """The profiler after one call of ``fn`` (CPU activity, plus CUDA kernels on CUDA)."""
+def _profiled(fn, device: torch.device, *, detailed: bool = False) -> torch.profiler.profile:
+    """The profiler after one call of ``fn`` (CPU activity, plus CUDA kernels on CUDA);
+    ``detailed`` also records input shapes and Python call stacks."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(
+        activities=activities, record_shapes=detailed, with_stack=detailed
+    ) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -157,14 +160,57 @@ def _profiled(fn, device: torch.device) -> torch.profiler.profile:
 
 
 def profile_table(fn, device: torch.device, rows: int = 30) -> str:
-    """Profiler table of one call of ``fn``, ops sorted by their own (self) device time."""
-    prof = _profiled(fn, device)
-    events = prof.key_averages()
+    """Profiler tables of one call of ``fn``: ops sorted by their own (self) device time, then
+    the same grouped by input shapes and by the model's call site (so that a generic op such as
+    ``aten::copy_`` can be traced to the tensors and the line that cause it)."""
+    prof = _profiled(fn, device, detailed=True)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     phases = prof.key_averages().table(
         sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=8
     )
-    return events.table(sort_by=key, row_limit=rows) + "\nPhases (inclusive):\n" + phases
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=rows, max_name_column_width=40, max_shapes_column_width=80
+    )
+    return "\n".join([
+        prof.key_averages().table(sort_by=key, row_limit=rows),
+        "Phases (inclusive):", phases,
+        "By input shapes:", by_shape,
+        "By call site (ms of self time, calls, op, site):",
+        _by_call_site(prof, key, rows),
+    ])
+
+
+def _call_site(event) -> str:
+    """Where an op was called from: the innermost frame of this package's source, else the
+    autograd node that ran it in backward, else the innermost Python frame."""
+    fallback = "?"
+    parent = event.cpu_parent
+    while parent is not None:
+        name = parent.name
+        if "pipeline/" in name and ".py(" in name:
+            return name[name.index("pipeline/"):]
+        if name.startswith("autograd::engine::evaluate_function: "):
+            return "backward: " + name.split(": ", 1)[1]
+        if fallback == "?" and ".py(" in name and "torch/nn/modules/module.py" not in name:
+            fallback = name
+        parent = parent.cpu_parent
+    return fallback
+
+
+def _by_call_site(prof: torch.profiler.profile, key: str, rows: int) -> str:
+    """Self time per (op, call site), largest first: ms, calls, op, site (see
+    :func:`_call_site`). The profiler's own grouping by stack leaves the stacks empty here."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        entry = totals.setdefault((event.name, _call_site(event)), [0.0, 0])
+        entry[0] += getattr(event, key)
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)[:rows]
+    return "\n".join(
+        f"{us / 1e3:10.3f} ms {int(n):6d}x  {op:<28} {site}" for (op, site), (us, n) in ranked
+    )
 
 
 #: Substrings of kernel names (lower case) by category; the first match wins.

@@ -33,6 +33,26 @@ def test_bench_model_writes_json_and_markdown(tmp_path):
     assert "| small_model |" in table and "2 x 12" in table
 
 
+def test_profile_traces_ops_to_shapes_and_model_lines(tmp_path):
+    """``--profile`` writes, per case, the op table and the same ops grouped by input shapes
+    and by call site, with lines of the model's own source among the sites."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "bench_model.py"),
+        "--presets", "small_model", "--lengths", "8", "--warmup", "0", "--repeats", "1",
+        "--device", "cpu", "--profile", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.with_suffix(".profile.txt").read_text()
+    assert "## small_model compile=False 1x8" in text
+    by_shape = text.split("By input shapes:")[1].split("By call site")[0]
+    assert "aten::mm" in by_shape and "[[" in by_shape  # shapes such as [[16, 64], [64, 64]]
+    by_site = text.split("By call site (ms of self time, calls, op, site):")[1]
+    assert "pipeline/model/" in by_site
+
+
 def test_kernel_breakdown_classifies_kernels_and_measures_idle_time():
     """The GPU profile summary: categories by kernel name, busy time as the union of kernel
     intervals (overlapping kernels on two streams count once), idle = span - busy."""

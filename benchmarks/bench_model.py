@@ -163,7 +163,12 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
     """Profiler tables of one call of ``fn``: ops sorted by their own (self) device time, then
     the same grouped by input shapes and by the model's call site (so that a generic op such as
     ``aten::copy_`` can be traced to the tensors and the line that cause it)."""
-    prof = _profiled(fn, device, detailed=True)
+    try:
+        prof = _profiled(fn, device, detailed=True)
+        prof.events()  # parsed here; with stacks it has failed on undecodable frame names
+    except (UnicodeDecodeError, RuntimeError) as exc:
+        logger.warning("profile with shapes and stacks failed (%s); profiling without", exc)
+        prof = _profiled(fn, device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     phases = prof.key_averages().table(
         sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=8
@@ -181,8 +186,9 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
 
 
 def _call_site(event) -> str:
-    """Where an op was called from: the innermost frame of this package's source, else the
-    autograd node that ran it in backward, else the innermost Python frame."""
+    """Where an op was called from: the innermost function of this package's source (named
+    by its ``def`` line), else the autograd node that ran it in backward, else the innermost
+    Python frame; ``?`` when the profile has no stacks."""
     fallback = "?"
     parent = event.cpu_parent
     while parent is not None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +53,28 @@ def test_profile_traces_ops_to_shapes_and_model_lines(tmp_path):
     assert "aten::mm" in by_shape and "[[" in by_shape  # shapes such as [[16, 64], [64, 64]]
     by_site = text.split("By call site (ms of self time, calls, op, site):")[1]
     assert "pipeline/model/" in by_site
+
+
+def test_profile_without_stacks_when_the_detailed_profile_fails(monkeypatch, caplog):
+    """Parsing a profile with Python stacks has raised UnicodeDecodeError inside torch (a
+    large model under autocast): the table is then made from a profile without stacks."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    real = bench_model._profiled
+
+    def flaky(fn, device, *, detailed=False):
+        if detailed:
+            raise UnicodeDecodeError("utf-8", b"\xb6", 0, 1, "invalid start byte")
+        return real(fn, device)
+
+    monkeypatch.setattr(bench_model, "_profiled", flaky)
+    x = torch.randn(16, 16)
+    text = bench_model.profile_table(lambda: (x @ x).sum(), torch.device("cpu"))
+    assert "aten::mm" in text and "By call site" in text
+    assert "profiling without" in caplog.text
 
 
 def test_kernel_breakdown_classifies_kernels_and_measures_idle_time():

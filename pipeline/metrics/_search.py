@@ -154,6 +154,29 @@ def _relaxed_cutoff(d2: torch.Tensor, cut: torch.Tensor, need: torch.Tensor) -> 
     return torch.where(need, cut + 0.5 * inc, cut)
 
 
+def _repeats(
+    moments: torch.Tensor, cut: torch.Tensor, active: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) bool: active trajectories that repeat another active one of the same structure.
+
+    Two trajectories repeat each other when their subsets' moments (B, T, 18) and their
+    cutoffs (B, T) are equal: the next fit depends on the subset only through its moments, so
+    from there on they fit, keep and score the same. Rows are sorted by a random linear key of
+    moments and cutoff, and a row equal in all 19 values to its predecessor is a repeat (the
+    first of each group stays). Equal rows have equal keys; unequal rows that share a key
+    (probability ~0 in float64) are not merged, since all values are compared.
+    """
+    rows = torch.cat([moments, cut.unsqueeze(-1).to(moments.dtype)], -1)  # (B, T, 19)
+    key = torch.where(active, rows @ weights, math.inf)
+    order = key.argsort(dim=1)
+    sorted_rows = torch.gather(rows, 1, order.unsqueeze(-1).expand_as(rows))
+    sorted_active = torch.gather(active, 1, order)
+    same = (sorted_rows[:, 1:] == sorted_rows[:, :-1]).all(-1)
+    same = same & sorted_active[:, 1:] & sorted_active[:, :-1]
+    repeat_sorted = torch.cat([torch.zeros_like(same[:, :1]), same], 1)
+    return torch.zeros_like(active).scatter(1, order, repeat_sorted)
+
+
 def superposition_search(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -172,6 +195,7 @@ def superposition_search(
     chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     solver: str = "auto",
     compiled: bool = False,
+    dedupe: bool = True,
 ) -> torch.Tensor:
     """Run all trajectories and return the best score of every structure, (B, K).
 
@@ -207,6 +231,11 @@ def superposition_search(
         (:func:`pipeline.metrics._fused.subset_moments`, :func:`~pipeline.metrics._fused.
         score_fits`): no (B, t, N) float64 tensor unless ``relax`` needs the distances.
         The 3x3 fits in between are those of ``solver``.
+    dedupe
+        Stop a trajectory once its subset's moments and its cutoff equal those of another
+        active trajectory of the same structure (:func:`_repeats`): from there on both would
+        fit, keep and score exactly the same, so the best scores are unchanged. Many seeds
+        converge onto the same subsets within a few refits.
 
     Notes
     -----
@@ -226,6 +255,9 @@ def superposition_search(
     base = (x * x).sum(-1) + (y * y).sum(-1)  # (B, N)
     positions = torch.arange(n, device=dev)
     valid3 = valid.unsqueeze(1)
+    # Fixed random weights that fold a trajectory's moments and cutoff into one sort key.
+    key_weights = torch.rand(19, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    key_weights = (key_weights + 1.0).to(dev)
     n_valid = valid.sum(-1)
 
     n_traj = start.shape[1]
@@ -245,12 +277,17 @@ def superposition_search(
         for k in range(n_fits):
             cut = c_first if k == 0 else c_iter
             if compiled:
-                r, t = _fit_from_moments(fused(subset_moments)(subset, moments), solver=solver)
+                m = fused(subset_moments)(subset, moments)
+            else:
+                m = torch.bmm(subset.double(), moments)
+            if dedupe and k > 0:
+                active = active & ~_repeats(m, c_iter, active, key_weights)
+            r, t = _fit_from_moments(m, solver=solver)
+            if compiled:
                 scores, new, count, d2 = fused(score_fits)(
                     r, t, features_t, base, valid, cut.contiguous(), score_fn, score_args, relax
                 )
             else:
-                r, t = _fit_from_moments(torch.bmm(subset.double(), moments), solver=solver)
                 d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True)
                 d2 = d2 + torch.bmm(expansion_coefficients(r, t), features_t)
                 # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.

@@ -115,7 +115,7 @@ def score_batch(
     compiled : bool
         Use the fused kernels of :mod:`pipeline.metrics._fused` (``torch.compile``) for
         RMSD, lDDT and the searches: worth it for large or repeated batches on a GPU; the
-        first call compiles (38-52 s for the whole set on a 2-core CPU).
+        first call compiles (see :mod:`pipeline.metrics._fused`).
 
     Returns
     -------

@@ -238,12 +238,14 @@ def test_small_chunks_give_the_same_search_result(pair):
     )
 
 
-@pytest.mark.parametrize("seed", [3, 4])
-def test_stopping_repeated_trajectories_changes_no_search_result(monkeypatch, seed):
-    """The search stops a trajectory once another one has the same subset and cutoff: the
-    GDT fractions and TM-scores are exactly those of the search without it (masked residues
-    included), and it does fewer trajectory-fits (it is not a no-op)."""
-    import functools
+@pytest.mark.parametrize(
+    ("seed", "shortcut", "off"), [(3, "dedupe", False), (4, "dedupe", False), (5, "seed_group", 1)]
+)
+def test_search_shortcuts_change_no_search_result(monkeypatch, seed, shortcut, off):
+    """The search's two shortcuts, stopping a trajectory once another one has the same subset
+    and cutoff (``dedupe``) and fitting a seed once for all of GDT's cutoffs (``seed_group``):
+    the GDT fractions and TM-scores are exactly those of the search without the shortcut
+    (masked residues included), and the search does fewer trajectory-fits (not a no-op)."""
     import importlib
 
     from pipeline.metrics import _search
@@ -256,24 +258,64 @@ def test_stopping_repeated_trajectories_changes_no_search_result(monkeypatch, se
     search = _search.superposition_search
     fit = _search._fit_from_moments
     results, work = {}, {}
-    for dedupe in (False, True):
+    for on in (False, True):
         widths = []
 
         def counting_fit(moments, solver="svd", widths=widths):
             widths.append(moments.shape[1])
             return fit(moments, solver=solver)
 
+        def without_shortcut(*args, **kwargs):
+            return search(*args, **{**kwargs, shortcut: off})
+
         monkeypatch.setattr(_search, "_fit_from_moments", counting_fit)
         for name in ("gdt", "tm_score"):
             module = importlib.import_module(f"pipeline.metrics.{name}")
             monkeypatch.setattr(
-                module, "superposition_search", functools.partial(search, dedupe=dedupe)
+                module, "superposition_search", search if on else without_shortcut
             )
-        results[dedupe] = (gdt(model, ref, mask).fractions, tm_score(model, ref, mask))
-        work[dedupe] = sum(widths)
+        results[on] = (gdt(model, ref, mask).fractions, tm_score(model, ref, mask))
+        work[on] = sum(widths)
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])
     assert work[True] < 0.95 * work[False], work
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shared_seed_fits_with_cutoff_relaxation(compiled):
+    """``seed_group`` with TM-score's cutoff relaxation (which needs the shared distances of
+    every trajectory): TM-score's trajectories, each repeated with a second, tighter first
+    cutoff, give the same best scores shared (``seed_group=2``) as fitted one by one."""
+    import importlib
+
+    from pipeline.metrics import _search
+
+    tm_module = importlib.import_module("pipeline.metrics.tm_score")
+
+    ref = random_walk(2, 70, seed=8)
+    model = noisy(ref, 4.0, seed=9)
+    mask = full_mask(ref)
+    mask[1, 50:] = False
+    x, y, valid, n_valid = _search.compact(model, ref, mask)
+    start, width, ok = _search.window_seeds(
+        n_valid.tolist(), tm_module.tm_fragment_lengths, None, x.device
+    )
+    d0 = tm_module.rna_d0(n_valid.double()).clamp(4.5, 8.0)
+    pairs = lambda a: a.repeat_interleave(2, dim=1)  # noqa: E731
+    n_traj = 2 * start.shape[1]
+    cut_first = (d0.unsqueeze(1) - torch.tensor([1.0, 3.0], dtype=torch.float64)).repeat(
+        1, n_traj // 2
+    )
+    cut_iter = (d0 + 1.0).unsqueeze(1).expand(-1, n_traj)
+    args = (
+        x, y, valid, pairs(start), pairs(width), pairs(ok), cut_first, cut_iter,
+        tm_module._tm_sums, (1.0 / (d0 * d0)[:, None, None], 1.0 / n_valid.double()[:, None]),
+    )
+    kwargs = dict(n_fits=8, relax=True, stop_below_three=False, compiled=compiled)
+    shared = _search.superposition_search(*args, **kwargs, seed_group=2)
+    separate = _search.superposition_search(*args, **kwargs, seed_group=1)
+    assert torch.allclose(shared, separate, atol=1e-12, rtol=0)
+    assert (shared[:, 0] > 0.2).all() and (shared[:, 0] < 1).all()
 
 
 def test_compiled_metric_set_equals_the_eager_one():

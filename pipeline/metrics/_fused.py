@@ -123,16 +123,25 @@ def score_fits(
     :func:`pipeline.metrics._search.superposition_search` and select the residues they keep.
 
     ``r`` (B, T, 3, 3), ``t`` (B, T, 3); ``features`` (B, 15, N), ``base`` (B, N) and
-    ``valid`` (B, N) as built there; ``cut`` (B, T) in A. Returns ``score_fn(d2,
-    *score_args)`` (B, T, K), the residues within ``cut`` (B, T, N) bool, their count (B, T)
-    and, if ``keep_d2``, the squared distances (B, T, N) (``inf`` at invalid residues). The
-    15-term expansion of ``|R x + t - y|^2`` is written out so that the distances are formed
-    inside the kernel that consumes them.
+    ``valid`` (B, N) as built there; ``cut`` (B, T) or (B, T, G) in A (G cutoffs applied to
+    the same superposition). Returns ``score_fn(d2, *score_args)`` (B, T, K), the residues
+    within ``cut`` (B, T, N) or (B, T, G, N) bool, their count (B, T) or (B, T, G) and, if
+    ``keep_d2``, the squared distances (B, T, N) (``inf`` at invalid residues). The 15-term
+    expansion of ``|R x + t - y|^2`` is written out so that the distances are formed inside
+    the kernel that consumes them.
     """
     coef = expansion_coefficients(r, t)
     d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True)
     for k in range(features.shape[1]):
         d2 = d2 + coef[..., k, None] * features[:, None, k, :]
     d2 = torch.where(valid.unsqueeze(1), d2.clamp_min(0.0), torch.inf)
-    new = d2 < (cut * cut).unsqueeze(-1)
+    new = within(d2, cut)
     return score_fn(d2, *score_args), new, new.sum(-1), d2 if keep_d2 else None
+
+
+def within(d2: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """Residues within the cutoff: ``d2`` (B, T, N) squared distances, ``cut`` (B, T) -> (B, T,
+    N) bool, or ``cut`` (B, T, G) -> (B, T, G, N), one subset per cutoff of a group."""
+    if cut.dim() == d2.dim():
+        d2 = d2.unsqueeze(-2)
+    return d2 < (cut * cut).unsqueeze(-1)

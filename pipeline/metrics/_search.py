@@ -32,6 +32,7 @@ from pipeline.metrics._fused import (
     fused,
     score_fits,
     subset_moments,
+    within,
 )
 from pipeline.metrics.superpose import _fit_from_moments
 
@@ -196,6 +197,7 @@ def superposition_search(
     solver: str = "auto",
     compiled: bool = False,
     dedupe: bool = True,
+    seed_group: int = 1,
 ) -> torch.Tensor:
     """Run all trajectories and return the best score of every structure, (B, K).
 
@@ -236,6 +238,12 @@ def superposition_search(
         active trajectory of the same structure (:func:`_repeats`): from there on both would
         fit, keep and score exactly the same, so the best scores are unchanged. Many seeds
         converge onto the same subsets within a few refits.
+    seed_group
+        Trajectories come in consecutive groups of this many that share their seed window
+        (``start``, ``width`` and ``traj_ok`` equal within a group) and differ only in their
+        cutoffs, as GDT's one trajectory per cutoff and seed. The seed fit, its distances and
+        its scores are then computed once per group, and each cutoff selects its subset from
+        the shared distances. ``T`` must be a multiple of it.
 
     Notes
     -----
@@ -245,6 +253,12 @@ def superposition_search(
     """
     b, n, _ = x.shape
     dev = x.device
+    g = int(seed_group)
+    if g < 1 or start.shape[1] % g:
+        raise ValueError(
+            f"seed_group must be a positive divisor of the {start.shape[1]} trajectories, "
+            f"but got seed_group={seed_group}."
+        )
     solver = resolve_solver(solver, dev)
     ones = torch.ones(b, n, 1, dtype=torch.float64, device=dev)
     xy = (x.unsqueeze(-1) * y.unsqueeze(-2)).reshape(b, n, 9)  # x_i y_j
@@ -261,7 +275,7 @@ def superposition_search(
     n_valid = valid.sum(-1)
 
     n_traj = start.shape[1]
-    chunk = max(1, resolve_chunk_elements(chunk_elements, dev) // max(1, b * n))
+    chunk = max(1, resolve_chunk_elements(chunk_elements, dev) // max(1, b * n * g)) * g
     best: torch.Tensor | None = None
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
@@ -276,10 +290,15 @@ def superposition_search(
         active = ok.clone()
         for k in range(n_fits):
             cut = c_first if k == 0 else c_iter
+            # The seed fit of a group is shared: fit its first trajectory, apply all g cutoffs.
+            shared = k == 0 and g > 1
+            fitted, fitted_ok = (subset[:, ::g], ok[:, ::g]) if shared else (subset, ok)
+            if shared:
+                cut = cut.unflatten(1, (-1, g))
             if compiled:
-                m = fused(subset_moments)(subset, moments)
+                m = fused(subset_moments)(fitted, moments)
             else:
-                m = torch.bmm(subset.double(), moments)
+                m = torch.bmm(fitted.double(), moments)
             if dedupe and k > 0:
                 active = active & ~_repeats(m, c_iter, active, key_weights)
             r, t = _fit_from_moments(m, solver=solver)
@@ -293,9 +312,13 @@ def superposition_search(
                 # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
                 d2 = torch.where(valid3, d2.clamp_min(0.0), math.inf)
                 scores = score_fn(d2, *score_args)
-                new = d2 < (cut * cut).unsqueeze(-1)
+                new = within(d2, cut)
                 count = new.sum(-1)
-            scores = torch.where(ok.unsqueeze(-1), scores, -math.inf).amax(1)
+            if shared:
+                cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
+                if relax:
+                    d2 = d2.repeat_interleave(g, dim=1)
+            scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
             best = scores if best is None else torch.maximum(best, scores)
             if k == n_fits - 1:
                 break

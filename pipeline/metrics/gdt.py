@@ -183,7 +183,7 @@ def gdt(
         x, y, valid, expand(start), expand(width), expand(ok), traj_cut, traj_cut,
         _counts_within, (tuple(c * c for c in cut),),
         n_fits=max_iter, relax=False, stop_below_three=True,
-        chunk_elements=chunk_elements, solver=solver, compiled=compiled,
+        chunk_elements=chunk_elements, solver=solver, compiled=compiled, seed_group=n_cut,
     )
     best = torch.where(torch.isfinite(best), best, 0.0)
     fractions = best / l_ref.clamp_min(1.0).unsqueeze(-1)

@@ -130,6 +130,61 @@ def test_search_solvers_agree(pair, seed):
     assert (rmsd(mirror, ref, mask) > 1.0).all()
 
 
+@pytest.fixture
+def fresh_fused_fit():
+    """Recompile the fused quaternion fit before and after the test (it may change the
+    module's step count, which the compiled code captures)."""
+    from pipeline.metrics import _fused
+
+    def reset():
+        _fused.fused.cache_clear()
+        torch._dynamo.reset()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.parametrize("newton_steps", [16, 2])
+def test_compiled_quaternion_fit_matches_the_svd(monkeypatch, fresh_fused_fit, newton_steps):
+    """The fused quaternion fit (fixed Newton steps, then the eager loop for fits not yet
+    converged) gives the SVD's rotation and translation: well-fitting and unrelated point
+    sets, with the default step count and with too few steps, where the eager loop must
+    finish most fits."""
+    from pipeline.metrics import _fused, superpose
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 12, 3, generator=g, dtype=torch.float64) * 8
+    noise = torch.randn(32, 12, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 12, 3, generator=g, dtype=torch.float64) * 8  # unrelated: 32..63
+    y[:32] = random_rigid(x[:32], seed=6) + 0.3 * noise  # fits well: 0..31
+    moments = torch.cat(
+        [
+            torch.full((64, 1), 12.0, dtype=torch.float64),
+            x.sum(1),
+            y.sum(1),
+            (x.unsqueeze(-1) * y.unsqueeze(-2)).sum(1).flatten(1),
+            (x * x).sum((1, 2)).unsqueeze(-1),
+            (y * y).sum((1, 2)).unsqueeze(-1),
+        ],
+        -1,
+    )
+    monkeypatch.setattr(superpose, "_FUSED_NEWTON_STEPS", newton_steps)
+    *_, converged = _fused.fused(superpose._fused_quaternion_fit)(moments)
+    assert bool(converged.all()) == (newton_steps == 16)
+    r_svd, t_svd = superpose._fit_from_moments(moments, solver="svd")
+    r, t = superpose._fit_from_moments(moments, solver="quaternion", compiled=True)
+    assert torch.allclose(r, r_svd, atol=1e-9, rtol=0)
+    assert torch.allclose(t, t_svd, atol=1e-7, rtol=0)
+    if newton_steps == 16:  # and inside the searches (the GPU default solver, compiled)
+        ref = random_walk(2, 40, seed=7)
+        model, mask = noisy(ref, 2.0, seed=8), full_mask(ref)
+        for metric in (lambda **kw: gdt(model, ref, mask, **kw).fractions,
+                       lambda **kw: tm_score(model, ref, mask, **kw)):
+            eager = metric(solver="svd")
+            assert torch.allclose(metric(solver="quaternion", compiled=True), eager, atol=1e-6)
+
+
 def test_kabsch_recovers_a_known_rigid_motion():
     x = random_walk(4, 30, seed=3).double()
     y = random_rigid(x, seed=4)
@@ -261,9 +316,9 @@ def test_search_shortcuts_change_no_search_result(monkeypatch, seed, shortcut, o
     for on in (False, True):
         widths = []
 
-        def counting_fit(moments, solver="svd", widths=widths):
+        def counting_fit(moments, widths=widths, **kwargs):
             widths.append(moments.shape[1])
-            return fit(moments, solver=solver)
+            return fit(moments, **kwargs)
 
         def without_shortcut(*args, **kwargs):
             return search(*args, **{**kwargs, shortcut: off})

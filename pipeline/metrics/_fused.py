@@ -8,7 +8,9 @@ differences so that they fuse into the reductions that consume them, sums of com
 instead of ``bucketize``, and an explicit 15-term expansion instead of a small matrix
 product. lDDT materialises no (B, N, N) tensor; a refit of the search writes one boolean
 (B, T, N) subset (and the float64 distances only where TM-score's cutoff relaxation needs
-them). The 3x3 fits themselves stay eager (RMSD's SVDs on the CPU; the searches' solver).
+them). The searches' quaternion fits (the CUDA default) are fused too
+(:func:`pipeline.metrics.superpose._fused_quaternion_fit`); RMSD's SVDs stay eager (on the
+CPU), as do SVD fits.
 
 They are used where a metric is called with ``compiled=True`` (see
 :func:`pipeline.metrics.score_batch`). The first call per input rank compiles (38-52 s for

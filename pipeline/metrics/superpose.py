@@ -76,25 +76,35 @@ def _quaternion_rotation(
     ``(G_x + G_y) / 2``), so that it decreases monotonically onto the largest root; the
     eigenvector is the largest column of the adjugate of ``K - l I``.
     """
-    k, coefficients, lam = _horn_polynomial(h, upper)
+    tables = _cofactor_tables(h)
+    k, coefficients, lam = _horn_polynomial(h, upper, tables)
     for it in range(max_newton):
         lam, step = _newton_step(lam, *coefficients)
         # Convergence check every 4 steps (each check is a device sync on CUDA).
         if it % 4 == 3 and bool((step <= _NEWTON_TOL * lam).all()):
             break
-    return _rotation_at_root(k, lam)
+    return _rotation_at_root(k, lam, tables)
 
 
 #: Newton has converged when a step is below this fraction of the eigenvalue.
 _NEWTON_TOL = 1e-15
 #: Newton steps of the fused fit (:func:`_fused_quaternion_fit`) before its one convergence
-#: check. On the search trajectories of the benchmark structures (8 x 500 nt, exhaustive
-#: GDT-TS) every fit of more than 3 points had converged after 12.
+#: check. On the benchmark structures (8 x 500 nt, exhaustive GDT-TS and TM-score) no fit
+#: needed more; after 12 steps every fit of more than 3 points was within 3e-9 of the SVD's.
 _FUSED_NEWTON_STEPS = 16
 
 
+def _cofactor_tables(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`_MINOR_INDEX` and :data:`_COFACTOR_SIGN` as tensors on ``like``'s device (made
+    once per fit: on CUDA each is a host-to-device copy)."""
+    return (
+        torch.tensor(_MINOR_INDEX, device=like.device),
+        torch.tensor(_COFACTOR_SIGN, dtype=like.dtype, device=like.device),
+    )
+
+
 def _horn_polynomial(
-    h: torch.Tensor, upper: torch.Tensor | None
+    h: torch.Tensor, upper: torch.Tensor | None, tables: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Horn's matrix ``K(H)`` (..., 4, 4), the coefficients ``(c2, c1, c0)`` of its
     characteristic polynomial and Newton's starting point above the largest root."""
@@ -110,8 +120,7 @@ def _horn_polynomial(
         ],
         -2,
     )
-    idx = torch.tensor(_MINOR_INDEX, device=h.device)
-    sign = torch.tensor(_COFACTOR_SIGN, dtype=h.dtype, device=h.device)
+    idx, sign = tables
     fro2 = (h * h).sum((-1, -2))
     c2 = -2.0 * fro2
     c1 = -8.0 * _det3(h)
@@ -134,11 +143,12 @@ def _newton_step(
     return lam - step, step
 
 
-def _rotation_at_root(k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def _rotation_at_root(
+    k: torch.Tensor, lam: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """The rotation of the unit quaternion in the null space of ``K - lam I`` (largest column
     of its adjugate; the identity where that is 0)."""
-    idx = torch.tensor(_MINOR_INDEX, device=k.device)
-    sign = torch.tensor(_COFACTOR_SIGN, dtype=k.dtype, device=k.device)
+    idx, sign = tables
     a = k - lam[..., None, None] * torch.eye(4, dtype=k.dtype, device=k.device)
     adj = _det3(a[..., idx[:, None, :, None], idx[None, :, None, :]]) * sign
     j = torch.diagonal(adj, dim1=-2, dim2=-1).abs().argmax(-1, keepdim=True)
@@ -176,6 +186,7 @@ def _centred_covariance(
 
 
 def _translation(r: torch.Tensor, mx: torch.Tensor, my: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., 3) that moves the mean ``mx`` of the rotated points onto ``my``."""
     return my - (r @ mx.unsqueeze(-1)).squeeze(-1)
 
 
@@ -186,11 +197,12 @@ def _fused_quaternion_fit(
     :func:`pipeline.metrics._fused.fused`: ``R``, ``t``, the eigenvalue reached and whether
     Newton had converged there, (...,) bool."""
     h, mx, my, upper = _centred_covariance(moments)
-    k, coefficients, lam = _horn_polynomial(h, upper)
+    tables = _cofactor_tables(h)
+    k, coefficients, lam = _horn_polynomial(h, upper, tables)
     step = lam
     for _ in range(_FUSED_NEWTON_STEPS):
         lam, step = _newton_step(lam, *coefficients)
-    r = _rotation_at_root(k, lam)
+    r = _rotation_at_root(k, lam, tables)
     return r, _translation(r, mx, my), lam, step <= _NEWTON_TOL * lam
 
 
@@ -300,7 +312,7 @@ def kabsch(
         r = _quaternion_rotation(h)
     else:
         raise ValueError(f"solver must be 'svd' or 'quaternion', but got {solver!r}")
-    t = y_mean - (r @ x_mean.unsqueeze(-1)).squeeze(-1)
+    t = _translation(r, x_mean, y_mean)
     return r.to(dtype), t.to(dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_profile_traces_ops_to_shapes_and_model_lines(tmp_path):
     text = out.with_suffix(".profile.txt").read_text()
     assert "## small_model compile=False 1x8" in text
     by_shape = text.split("By input shapes:")[1].split("By call site")[0]
-    assert "aten::mm" in by_shape and "[[" in by_shape  # shapes such as [[16, 64], [64, 64]]
+    # Rows such as "aten::mm ... [[16, 64], [64, 64]]". Which ops make the 30 rows depends on
+    # timings at this size, so the row's op is not fixed.
+    assert re.search(r"aten::\w+ .*\[\[\d+, \d+", by_shape), by_shape
     by_site = text.split("By call site (ms of self time, calls, op, site):")[1]
     assert "pipeline/model/" in by_site
 

@@ -29,6 +29,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.diffusion import (
     N_ATOMS,
     DiffusionModule,
+    euler_step_fraction,
     masked_centroid,
     noise_schedule,
     random_rotations,
@@ -227,7 +228,7 @@ class Diffold(nn.Module):
                 x_noisy = x + churn * _draw_noise(streams, lengths, n_samples, length, device)
                 sigma = torch.full((b, n_samples), t_hat, device=device)
                 denoised = self.diffusion(x_noisy, sigma, cond)
-                x = x_noisy + cfg.step_scale * (c - t_hat) * (x_noisy - denoised) / t_hat
+                x = x_noisy - euler_step_fraction(cfg, t_hat, c) * (x_noisy - denoised)
             logits = self.confidence(s, z, x, mask)
             centers = plddt_bin_centers(cfg.plddt_bins, device)
             plddt = (torch.softmax(logits.float(), dim=-1) * centers).sum(-1)

@@ -51,6 +51,23 @@ def noise_schedule(cfg: ModelConfig, n_steps: int) -> list[float]:
     return [(hi + i / n_steps * (lo - hi)) ** cfg.rho for i in range(n_steps + 1)]
 
 
+def euler_step_fraction(cfg: ModelConfig, t_hat: float, c: float) -> float:
+    """How far one sampler step moves from the noisy point towards the denoised estimate.
+
+    AF3's Euler step (Algorithm 18) moves ``step_scale * (t_hat - c) / t_hat`` of the way, which
+    passes the denoised estimate when the fraction exceeds 1. What it leaves behind is
+    ``fraction - 1`` of the noise present, with flipped sign. With few steps that residue is
+    larger than the next level ``c`` (4 steps: fraction 1.34 from 2560 * 1.8 A to 487 A leaves
+    ~1,570 A of noise), the next step underestimates the noise it gets, and the error grows
+    each step. The fraction is therefore capped at ``1 + c / t_hat``: an overshoot leaves at
+    most the noise level ``c`` the schedule promises. The cap never applies with 50 or AF3's
+    200 steps; with this model's default 20 only at the last step (1.21 -> 1.19); with 10 at
+    the last five. Written by hand: the cap is specific to this sampler.
+    """
+    fraction = cfg.step_scale * (t_hat - c) / t_hat
+    return min(fraction, 1.0 + c / t_hat)
+
+
 def random_rotations(
     shape: tuple[int, ...],
     *,

@@ -92,14 +92,20 @@ class TriangleMultiplication(nn.Module):
     def forward(self, z: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
         """``z`` (B, L, L, c), ``pair_mask`` (B, L, L) bool -> update (B, L, L, c)."""
         x = self.norm_in(z)
-        a, a_gate, b, b_gate = self.proj(x).chunk(4, dim=-1)
-        m = pair_mask.unsqueeze(-1).to(a.dtype)
-        a = a * torch.sigmoid(a_gate) * m
-        b = b * torch.sigmoid(b_gate) * m
-        if self.outgoing:
-            t = torch.einsum("bikc,bjkc->bijc", a, b)
-        else:
-            t = torch.einsum("bkic,bkjc->bijc", a, b)
+        batch, length, _, c = x.shape
+        # The projection is computed channel-first, W @ x^T -> (4c, B, L, L), so that the sum
+        # over k is one batched product over (channel, structure) whose operands need no
+        # layout copies (einsum on channel-last a and b copies both, forward and backward).
+        proj = torch.matmul(self.proj.weight, x.reshape(-1, c).transpose(0, 1))
+        a, a_gate, b, b_gate = proj.view(4, c, batch, length, length).unbind(0)
+        m = pair_mask.to(a.dtype)
+        a = (a * torch.sigmoid(a_gate) * m).flatten(0, 1)  # (c * B, L, L)
+        b = (b * torch.sigmoid(b_gate) * m).flatten(0, 1)
+        if self.outgoing:  # t_ij = sum_k a_ik b_jk
+            t = torch.bmm(a, b.transpose(1, 2))
+        else:  # t_ij = sum_k a_ki b_kj
+            t = torch.bmm(a.transpose(1, 2), b)
+        t = t.view(c, batch, length, length).permute(1, 2, 3, 0)  # (B, L, L, c)
         return torch.sigmoid(self.gate(x)) * self.out(self.norm_out(t))
 
 

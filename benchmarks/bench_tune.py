@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-# Each trial: small_model on 256 synthetic structures (crop 64) for 6 epochs, validated after
-# every epoch on 16 structures (sampler 20 steps).
+# Each trial (``--preset``, default small_model): 256 synthetic structures (crop 64) for 6
+# epochs, validated after every epoch on 16 structures (sampler 20 steps).
 TRIAL = [
     "data.n_train=256",
     "data.n_val=16",
@@ -66,7 +66,7 @@ def study(args) -> None:
     }))
     work = Path(tempfile.mkdtemp(prefix=f"tune-{args.pruner}-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    base = load_config(scenario="balanced", preset="small_model",
+    base = load_config(scenario="balanced", preset=args.preset,
                        overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
     started = time.monotonic()
     summary = run_study(base, tune_config=tune_file, n_trials=args.n_trials,
@@ -277,6 +277,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds after which no new trial starts")
     p.add_argument("--startup", type=int, default=3, help="trials before pruning starts")
+    p.add_argument("--preset", default="small_model", help="model preset of every trial")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", required=True)

@@ -63,6 +63,22 @@ def _runs(role: str | None = None, parent: str | None = None):
     return runs
 
 
+def test_a_continued_study_does_not_repeat_its_suggestions(workdir):
+    """A seeded sampler restarted on the same study would draw the first call's parameter
+    sets again (the random sampler exactly): the continued call must propose new ones."""
+    tune = _tune_file(
+        workdir / "tune.yaml", sampler="random", pruner="none",
+        search_space={"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True}},
+    )
+    args = ["tune", "--tune-config", str(tune), "--study-name", "s", *TINY,
+            "--set", "trainer.epochs=1", "--set", f"output_dir={workdir / 'out'}",
+            "--n-trials", "2"]
+    assert main(args) == 0
+    assert main(args) == 0
+    lrs = [t.params["optim.lr"] for t in _journal_study(workdir / "out", "s").trials]
+    assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+
+
 def test_pruned_trial_is_killed_resume_adds_trials_and_best_config_trains(workdir):
     # The second trial cannot learn (lr 1e-9): the median pruner stops it at its first report.
     tune = _tune_file(

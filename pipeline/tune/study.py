@@ -388,6 +388,11 @@ def run_study(
     # Workers sharing a study draw their own suggestions (the same seed would repeat them).
     seed = base.seed + os.getpid() if join or worker else base.seed
     study = _open_study(tune, base, storage, root, study_name, seed)
+    n_before = len(study.get_trials(deepcopy=False))
+    if n_before and not (join or worker):
+        # A continued study: a sampler seeded as in the first call would draw that call's
+        # suggestions again (the random sampler exactly, TPE its random start-up).
+        study.sampler = _sampler(tune, base.seed + n_before)
 
     if join or worker:
         target = (

@@ -13,6 +13,8 @@ trials' values and wall times (one GPU, so wall time is GPU time) to ``OUT/study
 
     python benchmarks/bench_tune.py study --pruner none --n-trials 12 --out OUT
     python benchmarks/bench_tune.py study --pruner median --n-trials 12 --out OUT
+    python benchmarks/bench_tune.py study --pruner none --n-trials 8 --work W --out OUT  # and
+    python benchmarks/bench_tune.py study --pruner none --n-trials 8 --work W --out OUT  # again
     python benchmarks/bench_tune.py prefetch --repeats 2 --out OUT
     python benchmarks/bench_tune.py replay --out OUT     # pruners on the recorded curves
     python benchmarks/bench_tune.py report --out OUT
@@ -51,20 +53,52 @@ SPACE = {
 }
 
 
-def study(args) -> None:
+def _load_study(journal: Path, name: str):
     import optuna
 
+    backend = optuna.storages.journal.JournalFileBackend(str(journal))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def planned_parameters(tune_file: Path, seed: int, n: int) -> list[dict]:
+    """The first ``n`` parameter sets a random sampler seeded with ``seed`` draws."""
+    import optuna
+
+    from pipeline.tune.study import load_tune_config, suggest
+
+    tune = load_tune_config(tune_file)
+    planner = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    plan = []
+    for _ in range(n):
+        trial = planner.ask()
+        plan.append(suggest(trial, tune))
+        planner.tell(trial, 0.0)
+    return plan
+
+
+def study(args) -> None:
     from pipeline.config.loader import load_config
     from pipeline.tune.study import run_study
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tune_file = out / f"tune-{args.pruner}.yaml"
-    tune_file.write_text(yaml.safe_dump({
+    settings = {
         "sampler": "random", "pruner": args.pruner, "n_startup_trials": args.startup,
         "reduction_factor": args.reduction_factor, "search_space": SPACE,
-    }))
-    work = Path(tempfile.mkdtemp(prefix=f"tune-{args.pruner}-"))
+    }
+    tune_file.write_text(yaml.safe_dump(settings))
+    if args.work:  # a study that later calls continue (the same --work)
+        work = Path(args.work).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"tune-{args.pruner}-"))
+    # The trials' parameter sets are drawn up front and enqueued, so every study with this
+    # seed runs the same sets in the same order, however its trials are split over calls.
+    journal = work / "tune" / f"bench-{args.pruner}" / "optuna-journal.log"
+    done = len(_load_study(journal, f"bench-{args.pruner}").trials) if journal.exists() else 0
+    settings["enqueue"] = planned_parameters(tune_file, args.seed, done + args.n_trials)
+    tune_file.write_text(yaml.safe_dump(settings))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     base = load_config(scenario="balanced", preset=args.preset,
                        overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
@@ -72,9 +106,7 @@ def study(args) -> None:
     summary = run_study(base, tune_config=tune_file, n_trials=args.n_trials,
                         timeout=args.timeout, study_name=f"bench-{args.pruner}")
     total = time.monotonic() - started
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(work / "tune" / f"bench-{args.pruner}" / "optuna-journal.log")))
-    trials = optuna.load_study(study_name=f"bench-{args.pruner}", storage=storage).trials
+    trials = _load_study(journal, f"bench-{args.pruner}").trials
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -103,10 +135,16 @@ def study(args) -> None:
             "params": t.params,
         }
         for t in trials
+        if t.datetime_complete is not None  # not those a timeout left waiting
     ]
     result = {"pruner": args.pruner, "seed": args.seed, "n_trials": args.n_trials,
               "study_wall_s": total, "summary": summary, "trials": rows}
     (out / f"study-{args.pruner}.json").write_text(json.dumps(result, indent=1))
+    if args.work:
+        # What a later call needs is the journal, the MLflow database and the data cache;
+        # the trials' checkpoints (hundreds of MB for base_model) would not travel.
+        for path in work.rglob("*.pt"):
+            path.unlink()
     print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=1))
     for row in rows:
         print(row)
@@ -278,6 +316,10 @@ def main() -> None:
                    help="seconds after which no new trial starts")
     p.add_argument("--startup", type=int, default=3, help="trials before pruning starts")
     p.add_argument("--preset", default="small_model", help="model preset of every trial")
+    p.add_argument("--work", default=None,
+                   help="keep the study (store, MLflow database, data cache) in this folder, so "
+                   "that a later call with the same folder adds trials to it; default: a "
+                   "temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", required=True)

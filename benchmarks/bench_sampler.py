@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     data = state["config"]
     for item in args.set:
         if not item.startswith("data."):
-            raise SystemExit(f"error: --set {item}: only data.* keys can change")
+            p.error(f"--set {item}: only data.* keys can change")
         data = merge(data, parse_set(item))
     cfg = from_dict(data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

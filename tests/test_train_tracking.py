@@ -176,6 +176,10 @@ def test_plateau_lr_changes_only_when_validation_stalls(tmp_path):
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]
     assert lrs == pytest.approx([lr] * 4 + [lr / 2] * 2)
     state = load_checkpoint(result.checkpoint)
-    assert state["scheduler"]["plateau"]["best"] == state["best_metric"]
+    # No later validation beats the first by the threshold, so the first stays the plateau's
+    # best (whichever validation has the best val/lddt).
+    val = mlflow.MlflowClient().get_metric_history(result.run_id, "val/lddt")
+    first = min(val, key=lambda m: m.step).value
+    assert state["scheduler"]["plateau"]["best"] == pytest.approx(first)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr / 4)  # 3rd validation
 

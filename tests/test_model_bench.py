@@ -104,3 +104,20 @@ def test_kernel_breakdown_classifies_kernels_and_measures_idle_time():
     assert out["kernel_us"] == {"attention": 10.0, "matmul": 18.0, "copy": 2.0, "other": 20.0}
     assert out["kernels"] == {"attention": 1, "matmul": 2, "copy": 1, "other": 2}
     assert kernel_breakdown([])["busy_us"] == 0.0
+
+
+def test_memory_estimate_grows_with_the_crop_and_shrinks_with_checkpointing():
+    """estimate_memory.py counts live fake-tensor bytes: more for a longer crop, less when the
+    blocks are recomputed in backward instead of keeping their activations."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import estimate_memory
+    finally:
+        sys.path.pop(0)
+    short, long = (estimate_memory.estimate("small_model", n, 1, []) for n in (16, 48))
+    assert 0 < short["peak_gib"] < long["peak_gib"]
+    assert short["after_forward_gib"] <= short["peak_gib"]
+    kept = estimate_memory.estimate("small_model", 48, 1, ["activation_checkpointing=false"])
+    recomputed = estimate_memory.estimate("small_model", 48, 1, ["activation_checkpointing=true"])
+    assert recomputed["after_forward_gib"] < kept["after_forward_gib"]
+    assert recomputed["params_grads_adam_gib"] == kept["params_grads_adam_gib"] > 0

@@ -29,27 +29,23 @@ import torch
 
 from pipeline.config.loader import from_dict, merge, parse_set
 from pipeline.data import build_datasets
-from pipeline.data.features import REPRESENTATIVE_ATOM, features_only
+from pipeline.data.features import REPRESENTATIVE_ATOM
+from pipeline.evaluation.model_eval import predict
 from pipeline.metrics import score_predictions, top_by_plddt
 from pipeline.model import build_model
 from pipeline.model import diffold as diffold_module
-from pipeline.model.diffusion import euler_step_fraction
+from pipeline.model.diffusion import af3_step_fraction, euler_step_fraction
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.runtime import make_val_batches
 
 METRICS = ("lddt", "rmsd", "gdt_ts", "tm_score")
 
 
-def uncapped_step(cfg, t_hat: float, c: float) -> float:
-    """AF3's Euler step fraction as published, without the overshoot cap."""
-    return cfg.step_scale * (t_hat - c) / t_hat
-
-
 @contextlib.contextmanager
 def step_rule(capped: bool):
     """Run the sampler with the capped (default) or the uncapped step fraction."""
     original = diffold_module.euler_step_fraction
-    diffold_module.euler_step_fraction = euler_step_fraction if capped else uncapped_step
+    diffold_module.euler_step_fraction = euler_step_fraction if capped else af3_step_fraction
     try:
         yield
     finally:
@@ -61,11 +57,9 @@ def score(model, batches, *, n_steps: int, n_samples: int, seed: int, device) ->
     """Mean metrics of the top-pLDDT sample over all structures, and the sampling time."""
     sums = dict.fromkeys(METRICS, 0.0)
     n_structures, seconds = 0, 0.0
-    generator = torch.Generator(device=device).manual_seed(seed)
     for batch in batches:
-        feats = {k: v.to(device) for k, v in features_only(batch).items()}
         start = time.perf_counter()
-        out = model.sample(feats, n_samples=n_samples, n_steps=n_steps, generator=generator)
+        out = predict(model, batch, n_samples=n_samples, n_steps=n_steps, seed=seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start

@@ -60,13 +60,18 @@ def _load_study(journal: Path, name: str):
     return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
 
 
-def planned_parameters(tune_file: Path, seed: int, n: int) -> list[dict]:
-    """The first ``n`` parameter sets a random sampler seeded with ``seed`` draws."""
+def planned_parameters(settings: dict, seed: int, n: int) -> list[dict]:
+    """The first ``n`` parameter sets a random sampler seeded with ``seed`` draws from the
+    search space of the tune ``settings``."""
     import optuna
 
-    from pipeline.tune.study import load_tune_config, suggest
+    from pipeline.config.loader import parse_section
+    from pipeline.tune.study import TuneConfig, suggest
 
-    tune = load_tune_config(tune_file)
+    # The keys in the tune file's order (yaml.safe_dump sorts them), as run_study reads them:
+    # the draws are then those its seeded random sampler makes.
+    space = dict(sorted(settings["search_space"].items()))
+    tune = parse_section(TuneConfig, {**settings, "search_space": space})
     planner = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     plan = []
     for _ in range(n):
@@ -87,7 +92,6 @@ def study(args) -> None:
         "sampler": "random", "pruner": args.pruner, "n_startup_trials": args.startup,
         "reduction_factor": args.reduction_factor, "search_space": SPACE,
     }
-    tune_file.write_text(yaml.safe_dump(settings))
     if args.work:  # a study that later calls continue (the same --work)
         work = Path(args.work).resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,7 @@ def study(args) -> None:
     # seed runs the same sets in the same order, however its trials are split over calls.
     journal = work / "tune" / f"bench-{args.pruner}" / "optuna-journal.log"
     done = len(_load_study(journal, f"bench-{args.pruner}").trials) if journal.exists() else 0
-    settings["enqueue"] = planned_parameters(tune_file, args.seed, done + args.n_trials)
+    settings["enqueue"] = planned_parameters(settings, args.seed, done + args.n_trials)
     tune_file.write_text(yaml.safe_dump(settings))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     base = load_config(scenario="balanced", preset=args.preset,

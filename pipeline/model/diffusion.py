@@ -51,11 +51,17 @@ def noise_schedule(cfg: ModelConfig, n_steps: int) -> list[float]:
     return [(hi + i / n_steps * (lo - hi)) ** cfg.rho for i in range(n_steps + 1)]
 
 
+def af3_step_fraction(cfg: ModelConfig, t_hat: float, c: float) -> float:
+    """AF3's Euler step (Algorithm 18) as published: the fraction ``step_scale * (t_hat - c) /
+    t_hat`` of the way from the noisy point to the denoised estimate."""
+    return cfg.step_scale * (t_hat - c) / t_hat
+
+
 def euler_step_fraction(cfg: ModelConfig, t_hat: float, c: float) -> float:
     """How far one sampler step moves from the noisy point towards the denoised estimate.
 
-    AF3's Euler step (Algorithm 18) moves ``step_scale * (t_hat - c) / t_hat`` of the way, which
-    passes the denoised estimate when the fraction exceeds 1. What it leaves behind is
+    AF3's Euler step (:func:`af3_step_fraction`) passes the denoised estimate when its fraction
+    exceeds 1. What it leaves behind is
     ``fraction - 1`` of the noise present, with flipped sign. With few steps that residue is
     larger than the next level ``c`` (4 steps: fraction 1.34 from 2560 * 1.8 A to 487 A leaves
     ~1,570 A of noise), the next step underestimates the noise it gets, and the error grows
@@ -64,8 +70,7 @@ def euler_step_fraction(cfg: ModelConfig, t_hat: float, c: float) -> float:
     200 steps; with this model's default 20 only at the last step (1.21 -> 1.19); with 10 at
     the last five. Written by hand: the cap is specific to this sampler.
     """
-    fraction = cfg.step_scale * (t_hat - c) / t_hat
-    return min(fraction, 1.0 + c / t_hat)
+    return min(af3_step_fraction(cfg, t_hat, c), 1.0 + c / t_hat)
 
 
 def random_rotations(

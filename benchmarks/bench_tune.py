@@ -15,6 +15,7 @@ trials' values and wall times (one GPU, so wall time is GPU time) to ``OUT/study
     python benchmarks/bench_tune.py study --pruner median --n-trials 12 --out OUT
     python benchmarks/bench_tune.py study --pruner none --n-trials 8 --work W --out OUT  # and
     python benchmarks/bench_tune.py study --pruner none --n-trials 8 --work W --out OUT  # again
+    python benchmarks/bench_tune.py data --work W [--preset P --set ...]  # the set, made once
     python benchmarks/bench_tune.py prefetch --repeats 2 --out OUT
     python benchmarks/bench_tune.py replay --out OUT     # pruners on the recorded curves
     python benchmarks/bench_tune.py report --out OUT
@@ -81,8 +82,29 @@ def planned_parameters(settings: dict, seed: int, n: int) -> list[dict]:
     return plan
 
 
-def study(args) -> None:
+def trial_config(args, work: Path):
+    """The base config of every trial: ``balanced``, ``--preset``, TRIAL, then ``--set``."""
     from pipeline.config.loader import load_config
+
+    return load_config(scenario="balanced", preset=args.preset,
+                       overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
+
+
+def prepare_data(args) -> None:
+    """Generate the trials' synthetic set into ``--work``'s data cache, so that the first
+    trial of a study does not pay for it (1,024 structures: about 2 minutes on one core)."""
+    from pipeline.data.datasets import build_datasets
+
+    work = Path(args.work).resolve()
+    cfg = trial_config(args, work)
+    started = time.monotonic()
+    splits = build_datasets(cfg.data, seed=cfg.seed, cache_dir=work / "cache",
+                            cache=cfg.loader.cache)
+    print(f"{len(splits.train)} training and {len(splits.val)} validation structures in "
+          f"{work / 'cache'} ({time.monotonic() - started:.0f} s)")
+
+
+def study(args) -> None:
     from pipeline.tune.study import run_study
 
     out = Path(args.out)
@@ -104,8 +126,7 @@ def study(args) -> None:
     settings["enqueue"] = planned_parameters(settings, args.seed, done + args.n_trials)
     tune_file.write_text(yaml.safe_dump(settings))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    base = load_config(scenario="balanced", preset=args.preset,
-                       overrides=[*TRIAL, f"output_dir={work}", f"seed={args.seed}", *args.set])
+    base = trial_config(args, work)
     started = time.monotonic()
     summary = run_study(base, tune_config=tune_file, n_trials=args.n_trials,
                         timeout=args.timeout, study_name=f"bench-{args.pruner}")
@@ -196,14 +217,17 @@ def replay(args) -> None:
     full_best = max(r["value"] for r in trials)
     full_time = sum(r["seconds"] for r in trials)
     # What a pruned trial costs after its last report: measured in the real pruned study when
-    # there is one (a pruned trial draws no figures and logs no model), else a finished
-    # trial's end of run (an overestimate).
-    pruned_overhead = None
+    # there is one (a pruned trial draws no figures and logs no model), else --pruned-end-s
+    # when given, else a finished trial's end of run (an overestimate).
+    pruned_overhead, source = args.pruned_end_s, "--pruned-end-s"
     if (out / "study-median.json").exists():
         real = json.loads((out / "study-median.json").read_text())["trials"]
         ends = [r["seconds"] - r["curve"][-1][1] for r in real if r["state"] == "PRUNED"]
-        pruned_overhead = statistics.median(ends) if ends else None
-    print(f"end of a pruned trial: {pruned_overhead} s (median of the real pruned study)")
+        if ends:
+            pruned_overhead, source = statistics.median(ends), "the real pruned study"
+    if pruned_overhead is None:
+        source = "a finished trial's end of run"
+    print(f"end of a pruned trial: {pruned_overhead} s ({source})")
     rank_agreement(trials)
     per_epoch = trials[0]["curve"][0][0]  # samples per report
     pruners = {
@@ -327,6 +351,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", required=True)
+    p = sub.add_parser("data")
+    p.add_argument("--preset", default="small_model")
+    p.add_argument("--work", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
     p = sub.add_parser("prefetch")
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=2)
@@ -338,11 +367,16 @@ def main() -> None:
     p.add_argument("--startup", type=int, default=3, help="median: trials before pruning")
     p.add_argument("--min-resource", type=int, default=256,
                    help="hyperband: samples before the first cut (one epoch)")
+    p.add_argument("--pruned-end-s", type=float, default=None,
+                   help="seconds a pruned trial takes after its last report, when OUT holds "
+                        "no real pruned study (default: each trial's own end of run)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("--out", required=True)
     args = parser.parse_args()
-    {"study": study, "prefetch": prefetch, "replay": replay, "report": report}[args.command](args)
+    commands = {"study": study, "data": prepare_data, "prefetch": prefetch, "replay": replay,
+                "report": report}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,29 @@ def time_metric_set(
     return timing, scores_exh, scores_val
 
 
+def profile_parts(parts: dict, chosen: list[str], device: torch.device, out: Path,
+                  parser: argparse.ArgumentParser) -> dict:
+    """``--profile``: where the time of each chosen part goes (see :func:`main`)."""
+    try:  # run as a script (benchmarks/ on sys.path) or as a module of the benchmarks package
+        from bench_model import profile_table, trace_host_syncs
+    except ImportError:
+        from benchmarks.bench_model import profile_table, trace_host_syncs
+    unknown = sorted(set(chosen) - set(parts))
+    if unknown:
+        parser.error(f"--profile: unknown part(s) {unknown}; choose from {list(parts)}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for name in chosen:
+        seconds, _ = timed(parts[name], device, 1)  # the warm-up call compiles, if compiled
+        n_syncs, sites = trace_host_syncs(parts[name], device)
+        table = profile_table(parts[name], device)
+        header = f"{name}: {seconds * 1e3:.2f} ms; host syncs: {n_syncs} ({', '.join(sites)})"
+        (out / f"profile-{name}.txt").write_text(header + "\n\n" + table)
+        logger.info("%s", header)
+        result[name] = {"seconds": seconds, "host_syncs": n_syncs, "sync_sites": sites}
+    return {"profile": result}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="structures in the batch")
@@ -173,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts-only", nargs="*", default=None, metavar="PART",
                         help="time only these metrics' device time for the batch (all parts if "
                              "none named): quick, for comparing two trees interleaved")
+    parser.add_argument("--profile", nargs="+", default=None, metavar="PART",
+                        help="profile one call of each PART (after a warm-up call): operator "
+                             "tables and the host syncs with their call sites, written to "
+                             "OUT/profile-PART.txt; nothing else is run")
     parser.add_argument("--compiled", action="store_true",
                         help="also time the metric set and its parts with compiled=True (fused "
                              "kernels from torch.compile), with the compile time and agreement")
@@ -217,8 +244,17 @@ def main(argv: list[str] | None = None) -> dict:
         "tm_score": lambda: tm_score(md, rd, kd),
         "lddt_plus_rmsd": lambda: (lddt(md, rd, kd)[0], rmsd(md, rd, kd)),
     }
+    budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
+    parts |= {
+        "gdt_ts_budget": lambda: gdt(md, rd, kd, max_seeds=args.val_gdt_seeds).score,
+        "metric_set_budget": lambda: score_batch(md, rd, kd, **budget),
+    }
     if args.compiled:  # the first (untimed) call of each compiles
         parts |= {
+            "gdt_ts_budget_compiled": lambda: gdt(
+                md, rd, kd, max_seeds=args.val_gdt_seeds, compiled=True
+            ).score,
+            "metric_set_budget_compiled": lambda: score_batch(md, rd, kd, **budget, compiled=True),
             "rmsd_compiled": lambda: rmsd(md, rd, kd, compiled=True),
             "lddt_compiled": lambda: lddt(md, rd, kd, compiled=True)[0],
             "gdt_ts_compiled": lambda: gdt(md, rd, kd, compiled=True).score,
@@ -227,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
                 lddt(md, rd, kd, compiled=True)[0], rmsd(md, rd, kd, compiled=True)
             ),
         }
+    if args.profile is not None:
+        return profile_parts(parts, args.profile, device, args.out, parser)
     if args.parts_only is not None:
         chosen = args.parts_only or list(parts)
         unknown = sorted(set(chosen) - set(parts))

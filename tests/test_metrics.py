@@ -170,19 +170,31 @@ def test_compiled_quaternion_fit_matches_the_svd(monkeypatch, fresh_fused_fit, n
         -1,
     )
     monkeypatch.setattr(superpose, "_FUSED_NEWTON_STEPS", newton_steps)
-    *_, converged = _fused.fused(superpose._fused_quaternion_fit)(moments)
+    *_, converged = superpose.quaternion_fit_unchecked(moments)
     assert bool(converged.all()) == (newton_steps == 16)
     r_svd, t_svd = superpose._fit_from_moments(moments, solver="svd")
     r, t = superpose._fit_from_moments(moments, solver="quaternion", compiled=True)
     assert torch.allclose(r, r_svd, atol=1e-9, rtol=0)
     assert torch.allclose(t, t_svd, atol=1e-7, rtol=0)
-    if newton_steps == 16:  # and inside the searches (the GPU default solver, compiled)
-        ref = random_walk(2, 40, seed=7)
-        model, mask = noisy(ref, 2.0, seed=8), full_mask(ref)
-        for metric in (lambda **kw: gdt(model, ref, mask, **kw).fractions,
-                       lambda **kw: tm_score(model, ref, mask, **kw)):
-            eager = metric(solver="svd")
-            assert torch.allclose(metric(solver="quaternion", compiled=True), eager, atol=1e-6)
+    # Inside the searches (the GPU default solver, compiled), whose fits are checked once at
+    # the end: with too few Newton steps the search is redone with eager fits.
+    from pipeline.metrics import _search
+
+    search, redone = _search.superposition_search, []
+
+    def counting_search(*args, **kwargs):
+        redone.append(not kwargs["compiled"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(_search, "superposition_search", counting_search)
+    ref = random_walk(2, 40, seed=7)
+    model, mask = noisy(ref, 2.0, seed=8), full_mask(ref)
+    for metric in (lambda **kw: gdt(model, ref, mask, **kw).fractions,
+                   lambda **kw: tm_score(model, ref, mask, **kw)):
+        eager = metric(solver="svd")
+        redone.clear()
+        assert torch.allclose(metric(solver="quaternion", compiled=True), eager, atol=1e-6)
+        assert redone == ([] if newton_steps == 16 else [True])
 
 
 def test_kabsch_recovers_a_known_rigid_motion():

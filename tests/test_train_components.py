@@ -416,3 +416,53 @@ def test_find_latest_of_one_run(tmp_path):
     assert find_latest(tmp_path) == newer
     assert find_latest(tmp_path, run_id="run-a") == older
     assert find_latest(tmp_path, run_id="run-c") is None
+
+
+class _NoisyNativeModel(torch.nn.Module):
+    """Stands in for Diffold in validation: "samples" the native plus fixed noise (3 A)
+    (validation never passes the native to ``sample``, so it reads it from the batch the
+    test keeps), with pLDDT 50 everywhere."""
+
+    def __init__(self, coords: torch.Tensor):
+        super().__init__()
+        self.coords = coords
+
+    def sample(self, features, n_samples, n_steps, generator):
+        noise = torch.randn(self.coords.shape, generator=torch.Generator().manual_seed(3))
+        coords = (self.coords + 3.0 * noise).unsqueeze(1).expand(-1, n_samples, -1, -1, -1)
+        return {"coords": coords, "plddt": torch.full(coords.shape[:3], 50.0)}
+
+    def forward(self, batch):
+        return {"loss": torch.zeros(()), "terms": {}}
+
+
+def test_validation_searches_gdt_with_its_seed_budget():
+    """Validation scores GDT-TS with the 512-seed budget (``VAL_GDT_MAX_SEEDS``): on a
+    structure long enough for the budget to bind, ``val/gdt_ts`` is the budgeted search's
+    value, and the other metrics are the functions' own."""
+    from contextlib import nullcontext
+
+    from pipeline.config.loader import load_config
+    from pipeline.data.features import REPRESENTATIVE_ATOM
+    from pipeline.data.loader import collate
+    from pipeline.data.synthetic import generate_synthetic
+    from pipeline.metrics import gdt, lddt
+    from pipeline.metrics._search import window_seeds
+    from pipeline.metrics.gdt import LGA_WINDOW_SIZES, _lga_widths
+    from pipeline.train.validate import VAL_GDT_MAX_SEEDS, Validator
+
+    batch = collate(generate_synthetic(1, seed=0, min_length=150, max_length=160))
+    n = int(batch["residue_mask"].sum())
+    exhaustive_seeds = window_seeds([n], _lga_widths(LGA_WINDOW_SIZES), None, torch.device("cpu"))
+    assert exhaustive_seeds[2].sum() > VAL_GDT_MAX_SEEDS  # the budget binds here
+    model = _NoisyNativeModel(batch["coords"])
+    cfg = load_config(scenario="debug", overrides=["trainer.val_samples=1"])
+    metrics = Validator(cfg, model, [batch], torch.device("cpu"), nullcontext).run(epoch=0)
+
+    pred = model.sample(None, 1, 1, None)["coords"][:, 0, :, REPRESENTATIVE_ATOM]
+    ref = batch["coords"][:, :, REPRESENTATIVE_ATOM]
+    mask = batch["residue_mask"] & batch["atom_mask"][..., REPRESENTATIVE_ATOM]
+    budgeted = gdt(pred, ref, mask, max_seeds=VAL_GDT_MAX_SEEDS).score
+    assert float(budgeted) != float(gdt(pred, ref, mask).score)  # the budget shows here
+    assert metrics["val/gdt_ts"] == pytest.approx(float(budgeted), abs=1e-6)
+    assert metrics["val/lddt"] == pytest.approx(float(lddt(pred, ref, mask)[0]), abs=1e-6)

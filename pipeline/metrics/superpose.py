@@ -28,6 +28,7 @@ Conventions (design brief, section 4):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -95,11 +96,17 @@ _FUSED_NEWTON_STEPS = 16
 
 
 def _cofactor_tables(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:data:`_MINOR_INDEX` and :data:`_COFACTOR_SIGN` as tensors on ``like``'s device (made
-    once per fit: on CUDA each is a host-to-device copy)."""
+    """:data:`_MINOR_INDEX` and :data:`_COFACTOR_SIGN` as tensors on ``like``'s device."""
+    return _cofactor_tables_on(like.device, like.dtype)
+
+
+@functools.cache
+def _cofactor_tables_on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    # Made once per device: on CUDA each is a host-to-device copy, which waits for the
+    # device (a sync per fit when they were made per fit).
     return (
-        torch.tensor(_MINOR_INDEX, device=like.device),
-        torch.tensor(_COFACTOR_SIGN, dtype=like.dtype, device=like.device),
+        torch.tensor(_MINOR_INDEX, device=device),
+        torch.tensor(_COFACTOR_SIGN, dtype=dtype, device=device),
     )
 
 
@@ -154,7 +161,7 @@ def _rotation_at_root(
     j = torch.diagonal(adj, dim1=-2, dim2=-1).abs().argmax(-1, keepdim=True)
     q = torch.gather(adj, -1, j.unsqueeze(-1).expand(adj.shape[:-1] + (1,))).squeeze(-1)
     norm = q.norm(dim=-1, keepdim=True)
-    identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=k.dtype, device=k.device)
+    identity = torch.eye(4, dtype=k.dtype, device=k.device)[0]  # made on the device: no copy
     q = torch.where(norm > 0, q / norm.clamp_min(1e-300), identity)
     w, x, y, z = q.unbind(-1)
     ww, xx, yy, zz = w * w, x * x, y * y, z * z
@@ -191,19 +198,30 @@ def _translation(r: torch.Tensor, mx: torch.Tensor, my: torch.Tensor) -> torch.T
 
 
 def _fused_quaternion_fit(
-    moments: torch.Tensor,
+    moments: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quaternion fit with a fixed number of Newton steps and no device sync, written for
-    :func:`pipeline.metrics._fused.fused`: ``R``, ``t``, the eigenvalue reached and whether
-    Newton had converged there, (...,) bool."""
+    :func:`pipeline.metrics._fused.fused` (``idx``, ``sign``: :func:`_cofactor_tables`):
+    ``R``, ``t``, the eigenvalue reached and whether Newton had converged there, (...,)
+    bool."""
     h, mx, my, upper = _centred_covariance(moments)
-    tables = _cofactor_tables(h)
+    tables = (idx, sign)
     k, coefficients, lam = _horn_polynomial(h, upper, tables)
     step = lam
     for _ in range(_FUSED_NEWTON_STEPS):
         lam, step = _newton_step(lam, *coefficients)
     r = _rotation_at_root(k, lam, tables)
     return r, _translation(r, mx, my), lam, step <= _NEWTON_TOL * lam
+
+
+def quaternion_fit_unchecked(
+    moments: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_fused_quaternion_fit` compiled, without the convergence check (no device
+    sync): ``R``, ``t``, the eigenvalue reached and the (...,) bool ``converged``. A caller
+    that uses ``R`` where ``converged`` is False must redo those fits (as
+    :func:`_fit_from_moments` does, or the searches, which check once at the end)."""
+    return fused(_fused_quaternion_fit)(moments, *_cofactor_tables(moments))
 
 
 def _fit_from_moments(
@@ -223,7 +241,7 @@ def _fit_from_moments(
     loop's), which bound the searches' time on a GPU.
     """
     if solver == "quaternion" and compiled:
-        r, t, lam, done = fused(_fused_quaternion_fit)(moments)
+        r, t, lam, done = quaternion_fit_unchecked(moments)
         if bool(done.all()):
             return r, t
         h, mx, my, _ = _centred_covariance(moments)

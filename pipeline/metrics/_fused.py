@@ -4,15 +4,15 @@ In eager mode lDDT, RMSD and the superposition searches are bound by the number 
 they launch and by memory passes over (B, N, N) or (B, T, N) intermediates, not by
 arithmetic (docs/benchmarks.md). The functions here state the same computations in a form
 that TorchInductor fuses into a few kernels: pair distances written as three broadcast
-differences so that they fuse into the reductions that consume them, and sums of
-comparisons instead of ``bucketize``. lDDT materialises no (B, N, N) tensor. In the
-searches, the two matrix products of a refit (the subsets' moments and the distance
-expansion) stay with cuBLAS, whose float64 kernels beat generated reductions that re-read
-15-18 values per entry (one refit of 64 x 2048 x 500 on the H100: generated, 0.73 and
-1.66 ms; cuBLAS, 0.14 and 0.11 ms plus 0.09 ms to copy the subsets to float64); what follows the products (distances, scores, kept residues) is
-one generated pass, and the quaternion fits (the CUDA default) are fused with no device
-sync (:func:`pipeline.metrics.superpose._fused_quaternion_fit`). RMSD's SVDs stay eager
-(on the CPU), as do SVD fits.
+differences so that they fuse into the reductions that consume them, and sums of comparisons
+instead of ``bucketize``. lDDT materialises no (B, N, N) tensor. In the searches, the two
+matrix products of a refit (the subsets' moments and the distance expansion) stay with
+cuBLAS, whose float64 kernels beat generated reductions that re-read 15-18 values per entry
+(one refit of 64 x 2048 x 500 on the H100: generated, 0.73 and 1.66 ms; cuBLAS, 0.14 and
+0.11 ms plus 0.09 ms to copy the subsets to float64); what follows the products (distances,
+scores, kept residues) is one generated pass, and the quaternion fits (the CUDA default) are
+fused with no device sync (:func:`pipeline.metrics.superpose._fused_quaternion_fit`). RMSD's
+SVDs stay eager (on the CPU), as do SVD fits.
 
 They are used where a metric is called with ``compiled=True`` (see
 :func:`pipeline.metrics.score_batch`). The first call per input rank compiles (38-52 s for

@@ -1,0 +1,58 @@
+"""The pruner replay of the tuning benchmark (benchmarks/bench_tune.py) charges and keeps
+what a real pruned study would, on curves whose outcome is worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {"optim.lr": 1e-3, "scheduler.warmup_epochs": 0.0,
+          "trainer.accumulation_steps": 1, "loader.prefetch_factor": 2}
+
+
+def _trial(number: int, values: list[float]) -> dict:
+    """A finished trial reporting ``values`` every 1,024 samples, 10 s apart, ending 5 s
+    after its last report."""
+    curve = [[1024 * (k + 1), 10.0 * (k + 1), v] for k, v in enumerate(values)]
+    return {"trial": number, "curve": curve, "state": "COMPLETE", "value": values[-1],
+            "last_reported": values[-1], "samples_seen": 1024 * len(values),
+            "seconds": curve[-1][1] + 5.0, "params": PARAMS}
+
+
+def _replay(out: Path, *extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_tune.py"), "replay",
+           "--out", str(out), "--startup", "2", "--min-resource", "1024", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "replay.json").read_text())
+
+
+@pytest.mark.parametrize("pruned_end_s", [None, 0.3])
+def test_replay_charges_a_pruned_trial_up_to_its_cut(tmp_path, pruned_end_s):
+    # Trials 0 and 1 start the study (2 startup trials); trial 2 reports 0.1 at 1,024
+    # samples, below the median (0.45) of the finished trials there, and is cut at its first
+    # report; trial 3 leads throughout and is kept.
+    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
+              _trial(2, [0.1, 0.1, 0.1]), _trial(3, [0.6, 0.7, 0.8])]
+    study = {"pruner": "none", "seed": 0, "n_trials": 4, "study_wall_s": 140.0,
+             "summary": "", "trials": trials}
+    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    extra = [] if pruned_end_s is None else ["--pruned-end-s", str(pruned_end_s)]
+    rows = _replay(tmp_path, *extra)
+
+    assert rows["none"] == pytest.approx({"pruned": 0, "best": 0.8, "gpu_s": 140.0,
+                                          "time_share": 1.0, "reached_99pct_at_s": 140.0})
+    # The cut trial costs its first report (10 s) plus the end of a pruned trial: its own
+    # end of run (5 s) unless --pruned-end-s says otherwise.
+    end = 5.0 if pruned_end_s is None else pruned_end_s
+    spent = 35.0 + 35.0 + (10.0 + end) + 35.0
+    assert rows["median"] == pytest.approx({"pruned": 1, "best": 0.8, "gpu_s": spent,
+                                            "time_share": spent / 140.0,
+                                            "reached_99pct_at_s": spent})

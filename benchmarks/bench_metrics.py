@@ -244,17 +244,19 @@ def main(argv: list[str] | None = None) -> dict:
         "tm_score": lambda: tm_score(md, rd, kd),
         "lddt_plus_rmsd": lambda: (lddt(md, rd, kd)[0], rmsd(md, rd, kd)),
     }
-    budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
+    val_budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
     parts |= {
         "gdt_ts_budget": lambda: gdt(md, rd, kd, max_seeds=args.val_gdt_seeds).score,
-        "metric_set_budget": lambda: score_batch(md, rd, kd, **budget),
+        "metric_set_budget": lambda: score_batch(md, rd, kd, **val_budget),
     }
     if args.compiled:  # the first (untimed) call of each compiles
         parts |= {
             "gdt_ts_budget_compiled": lambda: gdt(
                 md, rd, kd, max_seeds=args.val_gdt_seeds, compiled=True
             ).score,
-            "metric_set_budget_compiled": lambda: score_batch(md, rd, kd, **budget, compiled=True),
+            "metric_set_budget_compiled": lambda: score_batch(
+                md, rd, kd, **val_budget, compiled=True
+            ),
             "rmsd_compiled": lambda: rmsd(md, rd, kd, compiled=True),
             "lddt_compiled": lambda: lddt(md, rd, kd, compiled=True)[0],
             "gdt_ts_compiled": lambda: gdt(md, rd, kd, compiled=True).score,
@@ -279,7 +281,6 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     # 1. The whole validation metric set on the device, eager and (optionally) compiled.
-    val_budget = {"gdt_max_seeds": args.val_gdt_seeds, "tm_max_seeds": args.val_tm_seeds}
     timing, scores_exh, scores_val = time_metric_set(md, rd, kd, val_budget, args.repeats)
     compiled = None
     if args.compiled:

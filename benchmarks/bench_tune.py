@@ -94,14 +94,14 @@ def prepare_data(args) -> None:
     """Generate the trials' synthetic set into ``--work``'s data cache, so that the first
     trial of a study does not pay for it (1,024 structures: about 2 minutes on one core)."""
     from pipeline.data.datasets import build_datasets
+    from pipeline.train.runtime import data_cache_dir
 
-    work = Path(args.work).resolve()
-    cfg = trial_config(args, work)
+    cfg = trial_config(args, Path(args.work).resolve())
+    cache_dir = data_cache_dir(cfg)  # where the trials look (run_study shares the base's)
     started = time.monotonic()
-    splits = build_datasets(cfg.data, seed=cfg.seed, cache_dir=work / "cache",
-                            cache=cfg.loader.cache)
+    splits = build_datasets(cfg.data, seed=cfg.seed, cache_dir=cache_dir, cache=cfg.loader.cache)
     print(f"{len(splits.train)} training and {len(splits.val)} validation structures in "
-          f"{work / 'cache'} ({time.monotonic() - started:.0f} s)")
+          f"{cache_dir} ({time.monotonic() - started:.0f} s)")
 
 
 def study(args) -> None:

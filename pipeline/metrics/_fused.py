@@ -122,8 +122,8 @@ def score_fits(
     with the search's per-residue features (B, 15, N), made by cuBLAS outside this function
     (on the H100 a generated kernel that reads 15 features per entry was 15x slower); ``t``
     (B, T, 3); ``base`` (B, N) and ``valid`` (B, N) as built there; ``cut`` (B, T) or (B, T,
-    G) in A (G cutoffs applied to the same superposition). The distances are formed as the
-    eager search forms them, and never stored unless ``keep_d2``. Returns ``score_fn(d2,
+    G) in A (G cutoffs applied to the same superposition). The eager search calls it as it
+    is; compiled, the distances are never stored unless ``keep_d2``. Returns ``score_fn(d2,
     *score_args)`` (B, T, K), the residues within ``cut`` (B, T, N) or (B, T, G, N) bool,
     their count (B, T) or (B, T, G) and, if ``keep_d2``, the squared distances (B, T, N)
     (``inf`` at invalid residues).

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.metrics._fused import expansion_coefficients, fused, score_fits, within
+from pipeline.metrics._fused import expansion_coefficients, fused, score_fits
 from pipeline.metrics.superpose import _fit_from_moments, quaternion_fit_unchecked
 
 #: Default bound on B x T x N entries per chunk (about 40 bytes each at the peak: float64
@@ -276,6 +276,7 @@ def superposition_search(
     # the search, instead of after every fit (a device sync each).
     unchecked_fits = compiled and solver == "quaternion"
     all_converged: torch.Tensor | None = None
+    score = fused(score_fits) if compiled else score_fits
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
         st, wd, ok = start[:, sl], width[:, sl], traj_ok[:, sl]
@@ -304,18 +305,10 @@ def superposition_search(
             else:
                 r, t = _fit_from_moments(m, solver=solver, compiled=compiled)
             products = torch.bmm(expansion_coefficients(r, t), features_t)
-            if compiled:
-                scores, new, count, d2 = fused(score_fits)(
-                    products, t, base, valid, cut.contiguous(), score_fn, score_args, relax
-                )
-            else:
-                d2 = base.unsqueeze(1) + (t * t).sum(-1, keepdim=True)
-                d2 = d2 + products
-                # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
-                d2 = torch.where(valid3, d2.clamp_min(0.0), math.inf)
-                scores = score_fn(d2, *score_args)
-                new = within(d2, cut)
-                count = new.sum(-1)
+            # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
+            scores, new, count, d2 = score(
+                products, t, base, valid, cut.contiguous(), score_fn, score_args, relax
+            )
             if shared:
                 cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
                 if relax:

@@ -120,9 +120,15 @@ class Components:
     data_stats: dict
 
 
+def data_cache_dir(cfg: Config) -> Path:
+    """Where a run keeps its data cache: ``data.cache_dir``, else ``output_dir/cache``."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / "cache"
+
+
 def build_components(cfg: Config, ctx: Runtime) -> Components:
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / "cache"
-    data = build_datasets(cfg.data, seed=cfg.seed, cache_dir=cache_dir, cache=cfg.loader.cache)
+    data = build_datasets(
+        cfg.data, seed=cfg.seed, cache_dir=data_cache_dir(cfg), cache=cfg.loader.cache
+    )
     loader = build_train_loader(
         data.train,
         cfg.loader,

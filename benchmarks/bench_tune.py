@@ -200,6 +200,61 @@ def prefetch(args) -> None:
     (out / "prefetch.json").write_text(json.dumps(results, indent=1))
 
 
+def _pruner_factories(args, per_report: int) -> dict:
+    """The pruners the replay compares, each a factory (Hyperband keeps per-study state)."""
+    import optuna
+
+    median = optuna.pruners.MedianPruner
+    factories = {
+        "none": optuna.pruners.NopPruner,
+        "median": lambda: median(n_startup_trials=args.startup),
+        **{f"median, no cut before report {k + 1}": (
+            lambda k=k: median(n_startup_trials=args.startup, n_warmup_steps=k * per_report))
+           for k in (2, 4, 6)},
+        "percentile-25": lambda: optuna.pruners.PercentilePruner(
+            25.0, n_startup_trials=args.startup),
+        "successive_halving-3": lambda: optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=args.min_resource, reduction_factor=3),
+        "successive_halving-4": lambda: optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=args.min_resource, reduction_factor=4),
+        "hyperband-3": lambda: optuna.pruners.HyperbandPruner(
+            min_resource=args.min_resource, reduction_factor=3),
+    }
+    return factories
+
+
+def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
+                 target: float) -> dict:
+    """One pruned study replayed on ``trials`` in the given order: the trials it cuts, the
+    best value it keeps, the GPU seconds it spends and when its best first reaches
+    ``target``."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    spent, best, reached_at, pruned = 0.0, None, None, 0
+    for r in trials:
+        trial = study.ask()
+        end_overhead = r["seconds"] - r["curve"][-1][1]
+        if pruned_overhead is not None:
+            end_overhead = pruned_overhead
+        cost = r["seconds"]
+        for samples, at, value in r["curve"]:
+            trial.report(value, samples)
+            if trial.should_prune():
+                cost = at + end_overhead
+                break
+        if cost < r["seconds"]:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            pruned += 1
+        else:
+            study.tell(trial, r["value"])
+            best = r["value"] if best is None else max(best, r["value"])
+        spent += cost
+        if reached_at is None and best is not None and best >= target:
+            reached_at = spent
+    return {"pruned": pruned, "best": best, "gpu_s": spent, "reached_99pct_at_s": reached_at}
+
+
 def replay(args) -> None:
     """Pruners replayed on the recorded curves of an unpruned study.
 
@@ -208,7 +263,12 @@ def replay(args) -> None:
     feeding each recorded curve, trial by trial, to a fresh Optuna study with the pruner gives
     the decisions the pruned study would take, and the recorded time of each validation gives
     what the trial would have cost (plus its measured end-of-trial overhead).
+
+    The random sampler's draws are independent, so every order of the trials is as likely as
+    the recorded one; ``--orders K`` also replays ``K`` random orders and summarises them
+    (median and quartiles), so that the result does not hinge on where the best trial came.
     """
+    import numpy as np
     import optuna
 
     out = Path(args.out)
@@ -229,50 +289,45 @@ def replay(args) -> None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
     rank_agreement(trials)
-    per_epoch = trials[0]["curve"][0][0]  # samples per report
-    pruners = {
-        "none": optuna.pruners.NopPruner(),
-        "median": optuna.pruners.MedianPruner(n_startup_trials=args.startup),
-        **{f"median, no cut before report {k + 1}": optuna.pruners.MedianPruner(
-            n_startup_trials=args.startup, n_warmup_steps=k * per_epoch) for k in (2, 4, 6)},
-        "percentile-25": optuna.pruners.PercentilePruner(25.0, n_startup_trials=args.startup),
-        "successive_halving-3": optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=args.min_resource, reduction_factor=3),
-        "successive_halving-4": optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=args.min_resource, reduction_factor=4),
-        "hyperband-3": optuna.pruners.HyperbandPruner(min_resource=args.min_resource,
-                                                      reduction_factor=3),
-    }
-    rows = {}
+    factories = _pruner_factories(args, per_report=trials[0]["curve"][0][0])
+    target = 0.99 * full_best
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name, pruner in pruners.items():
-        study = optuna.create_study(direction="maximize", pruner=pruner,
-                                    study_name=f"replay-{name}")
-        spent, best, reached_at, pruned = 0.0, None, None, 0
-        for r in trials:
-            trial = study.ask()
-            end_overhead = r["seconds"] - r["curve"][-1][1]
-            if pruned_overhead is not None:
-                end_overhead = pruned_overhead
-            cost = r["seconds"]
-            for samples, at, value in r["curve"]:
-                trial.report(value, samples)
-                if trial.should_prune():
-                    cost = at + end_overhead
-                    break
-            if cost < r["seconds"]:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                pruned += 1
-            else:
-                study.tell(trial, r["value"])
-                best = r["value"] if best is None else max(best, r["value"])
-            spent += cost
-            if reached_at is None and best is not None and best >= 0.99 * full_best:
-                reached_at = spent
-        rows[name] = {"pruned": pruned, "best": best, "gpu_s": spent,
-                      "time_share": spent / full_time, "reached_99pct_at_s": reached_at}
-        print(name, rows[name])
+    rows = {}
+    for name, make in factories.items():
+        row = replay_order(trials, make(), pruned_overhead, target)
+        row["time_share"] = row["gpu_s"] / full_time
+        rows[name] = row
+        print(name, row)
+    if args.orders:
+        rng = np.random.default_rng(args.orders_seed)
+        orders = [rng.permutation(len(trials)) for _ in range(args.orders)]
+        for name, make in factories.items():
+            runs = [replay_order([trials[i] for i in order], make(), pruned_overhead, target)
+                    for order in orders]
+            rows[name]["orders"] = summarise_orders(runs, full_time)
+            print(name, "over", args.orders, "orders:", rows[name]["orders"])
     (out / "replay.json").write_text(json.dumps(rows, indent=1))
+
+
+def summarise_orders(runs: list[dict], full_time: float) -> dict:
+    """Quartiles over the replayed orders of the GPU share and of the time until the best is
+    within 1% (share of the unpruned study's total), and how often the best was kept."""
+    import numpy as np
+
+    def quartiles(values):
+        return [float(v) for v in np.percentile(values, [25, 50, 75])]
+
+    kept = [r for r in runs if r["reached_99pct_at_s"] is not None]
+    return {
+        "n": len(runs),
+        "best_kept_share": len(kept) / len(runs),
+        "time_share_q": quartiles([r["gpu_s"] / full_time for r in runs]),
+        # Orders that lose the best never reach it: they count as 100% (never within budget).
+        "reached_share_q": quartiles([
+            (r["reached_99pct_at_s"] / full_time) if r["reached_99pct_at_s"] is not None
+            else 1.0 for r in runs
+        ]),
+    }
 
 
 def rank_agreement(trials: list[dict]) -> list[float]:
@@ -370,6 +425,9 @@ def main() -> None:
     p.add_argument("--pruned-end-s", type=float, default=None,
                    help="seconds a pruned trial takes after its last report, when OUT holds "
                         "no real pruned study (default: each trial's own end of run)")
+    p.add_argument("--orders", type=int, default=0,
+                   help="also replay this many random orders of the trials and summarise them")
+    p.add_argument("--orders-seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("--out", required=True)

@@ -56,3 +56,24 @@ def test_replay_charges_a_pruned_trial_up_to_its_cut(tmp_path, pruned_end_s):
     assert rows["median"] == pytest.approx({"pruned": 1, "best": 0.8, "gpu_s": spent,
                                             "time_share": spent / 140.0,
                                             "reached_99pct_at_s": spent})
+
+
+def test_replay_over_orders_summarises_where_the_best_comes(tmp_path):
+    # Two trials of equal cost (35 s): without pruning the best (trial 0) is reached after
+    # 35 s (half the study) when it comes first, and only at the end (70 s) when it comes
+    # second; over many random orders both happen, and every order keeps the best and
+    # spends all 70 s.
+    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.4, 0.4])]
+    study = {"pruner": "none", "seed": 0, "n_trials": 2, "study_wall_s": 70.0,
+             "summary": "", "trials": trials}
+    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    rows = _replay(tmp_path, "--orders", "40")
+
+    orders = rows["none"]["orders"]
+    assert orders["n"] == 40
+    assert orders["best_kept_share"] == 1.0
+    assert orders["time_share_q"] == pytest.approx([1.0, 1.0, 1.0])
+    assert orders["reached_share_q"][0] == pytest.approx(0.5)
+    assert orders["reached_share_q"][2] == pytest.approx(1.0)
+    # The recorded order (best first) is reported as before, beside the summary.
+    assert rows["none"]["reached_99pct_at_s"] == pytest.approx(35.0)

@@ -83,7 +83,7 @@ def test_pruned_trial_is_killed_resume_adds_trials_and_best_config_trains(workdi
     # The second trial cannot learn (lr 1e-9): the median pruner stops it at its first report.
     tune = _tune_file(
         workdir / "tune.yaml",
-        sampler="random", pruner="median", n_startup_trials=1,
+        sampler="random", pruner="median", n_startup_trials=1, median_warmup_reports=0,
         enqueue=[{"optim.lr": 0.003}, {"optim.lr": 1.0e-9}],
         search_space={"optim.lr": {"type": "categorical", "choices": [0.003, 1.0e-9]}},
     )
@@ -365,3 +365,33 @@ def test_successive_halving_cuts_on_the_samples_axis():
         report(value, 16)
     assert report(0.05, 16)  # worst at the rung
     assert not report(0.95, 16)  # best at the rung
+
+
+def test_median_pruner_waits_for_the_configured_reports():
+    """The default median pruner cuts no trial at its first two reports, however far below
+    the median it is (the first reports rank trials poorly), and cuts it at the third; with
+    median_warmup_reports=0 the first report is enough."""
+    from pipeline.config.loader import load_config
+    from pipeline.tune.study import TuneConfig, _pruner
+
+    base = load_config(scenario="debug", overrides=["data.n_train=16"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def first_cut(pruner) -> int | None:
+        """The report (1-based) at which a trial far below two finished ones is cut."""
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for _ in range(2):  # the startup trials, good at every report
+            trial = study.ask()
+            for k in range(1, 5):
+                trial.report(0.8, 16 * k)
+            study.tell(trial, 0.8)
+        trial = study.ask()
+        for k in range(1, 5):
+            trial.report(0.1, 16 * k)
+            if trial.should_prune():
+                return k
+        return None
+
+    assert TuneConfig().median_warmup_reports == 2
+    assert first_cut(_pruner(TuneConfig(pruner="median"), base)) == 3
+    assert first_cut(_pruner(TuneConfig(pruner="median", median_warmup_reports=0), base)) == 1

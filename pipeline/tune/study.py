@@ -99,6 +99,10 @@ class TuneConfig:
         "at each rung (min_resource_samples, x reduction_factor, ...)",
     )
     n_startup_trials: int = spec(2, ge=0, help="trials completed before pruning starts")
+    median_warmup_reports: int = spec(
+        2, ge=0, help="median: reports a trial makes before it may be cut (the first reports "
+        "rank trials poorly: a trial with warmup or accumulation starts low and may end best)"
+    )
     min_resource_samples: int | None = spec(
         None, ge=1, help="hyperband, successive_halving: samples seen before a first cut "
         "(default: one validation interval of the synthetic set, data.n_train x "
@@ -201,7 +205,8 @@ def _pruner(tune: TuneConfig, base: Config) -> optuna.pruners.BasePruner:
     if tune.objective == "pareto" or tune.pruner == "none":
         return optuna.pruners.NopPruner()
     if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tune.n_startup_trials)
+        median = optuna.pruners.MedianPruner(n_startup_trials=tune.n_startup_trials)
+        return AfterReports(median, tune.median_warmup_reports)
     # Reports are on the samples-seen axis: Hyperband's rungs must be in samples too, else its
     # first rungs (1, 3, 9, ... samples) all pass at the first report.
     min_samples = tune.min_resource_samples
@@ -214,6 +219,26 @@ def _pruner(tune: TuneConfig, base: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(
         min_resource=min_samples or 1, reduction_factor=tune.reduction_factor
     )
+
+
+class AfterReports(optuna.pruners.BasePruner):
+    """``pruner``, but no trial is cut before it has made more than ``n_reports`` reports.
+
+    Optuna's ``n_warmup_steps`` counts steps, and a trial's steps here are samples seen, whose
+    number per report depends on the data set; counting reports needs no such figure. In the
+    tuning benchmark (docs/benchmarks.md) the median pruner with 2 startup trials, replayed on
+    200 orders of a recorded study, kept the best trial in 49% of them when it could cut at the
+    first report, and in all of them when it could cut from the third.
+    """
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, n_reports: int):
+        self._pruner = pruner
+        self._n_reports = n_reports
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if len(trial.intermediate_values) <= self._n_reports:
+            return False
+        return self._pruner.prune(study, trial)
 
 
 class _WorkerLost:

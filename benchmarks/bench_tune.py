@@ -272,7 +272,8 @@ def replay(args) -> None:
     import optuna
 
     out = Path(args.out)
-    result = json.loads((out / "study-none.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    result = json.loads(Path(args.study or out / "study-none.json").read_text())
     trials = [r for r in result["trials"] if r["state"] == "COMPLETE" and r["curve"]]
     full_best = max(r["value"] for r in trials)
     full_time = sum(r["seconds"] for r in trials)
@@ -428,6 +429,9 @@ def main() -> None:
     p.add_argument("--orders", type=int, default=0,
                    help="also replay this many random orders of the trials and summarise them")
     p.add_argument("--orders-seed", type=int, default=0)
+    p.add_argument("--study", default=None,
+                   help="the unpruned study's JSON (default OUT/study-none.json), e.g. "
+                        "benchmarks/recorded/tune-base-model-2026-12-07.json")
     p.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("--out", required=True)

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from pipeline.metrics._fused import (
-    advance,
     expansion_coefficients,
     fused,
     score_fits,
@@ -183,6 +182,27 @@ def _relax_where_needed(
     new = new.clone()
     new[b_idx, t_idx] = d2 < (relaxed * relaxed).unsqueeze(-1)
     return new
+
+
+def _advance(
+    active: torch.Tensor,
+    subset: torch.Tensor,
+    new: torch.Tensor,
+    count: torch.Tensor,
+    check_repeat: bool,
+    stop_below_three: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trajectories still active after a fit and their next subsets: a trajectory stops
+    when fewer than 3 residues pass (if ``stop_below_three``; it keeps its subset) or, if
+    ``check_repeat`` (every fit but the seed fit), when the kept residues ``new`` are the
+    ``subset`` it was fitted on."""
+    if stop_below_three:
+        small = count < 3
+        active = active & ~small
+        new = torch.where(small.unsqueeze(-1), subset, new)
+    if check_repeat:
+        active = active & ~(new == subset).all(-1)
+    return active, torch.where(active.unsqueeze(-1), new, subset)
 
 
 def _repeats(
@@ -344,16 +364,10 @@ def superposition_search(
                 r, t = _fit_from_moments(m, solver=solver, compiled=compiled)
             products = torch.bmm(expansion_coefficients(r, t), features_t)
             # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
-            # The trajectories advance in the same pass: shaped like the kept residues, the
-            # seed fit's (B, T / g, g, N) when shared.
-            grouped = (lambda a: a.unflatten(1, (-1, g))) if shared else (lambda a: a)
-            scores, new, count, next_active, next_subset = score(
-                products, t, base, valid, cut.contiguous(), score_fn, score_args,
-                grouped(subset), grouped(active), k > 0, stop_below_three,
-            )
+            scores, new, count = score(products, t, base, valid, cut.contiguous(), score_fn,
+                                       score_args)
             if shared:
                 cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
-                next_active, next_subset = next_active.flatten(1), next_subset.flatten(1, 2)
             scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
             best = scores if best is None else torch.maximum(best, scores)
             if k == n_fits - 1:
@@ -361,6 +375,8 @@ def superposition_search(
             need = None
             if relax and n > 3:
                 need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
+            next_active, next_subset = _advance(active, subset, new, count, k > 0,
+                                                stop_below_three)
             # One host sync per refit: whether a cutoff needs relaxing (rare: only where a fit
             # keeps fewer than 3 residues) and how many trajectories go on.
             flags = torch.stack([
@@ -370,8 +386,8 @@ def superposition_search(
             if flags[1]:
                 new = _relax_where_needed(need, new, cut, products, t, base, valid,
                                           g if shared else 1)
-                next_active, next_subset = advance(active, subset, new, new.sum(-1), k > 0,
-                                                   stop_below_three)
+                next_active, next_subset = _advance(active, subset, new, new.sum(-1), k > 0,
+                                                    stop_below_three)
                 flags[0] = int(next_active.sum(-1).max())
             active, subset = next_active, next_subset
             n_active = flags[0]

@@ -112,6 +112,7 @@ def study(args) -> None:
     tune_file = out / f"tune-{args.pruner}.yaml"
     settings = {
         "sampler": "random", "pruner": args.pruner, "n_startup_trials": args.startup,
+        "median_warmup_reports": args.warmup_reports,
         "reduction_factor": args.reduction_factor, "search_space": SPACE,
     }
     if args.work:  # a study that later calls continue (the same --work)
@@ -399,6 +400,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds after which no new trial starts")
     p.add_argument("--startup", type=int, default=3, help="trials before pruning starts")
+    p.add_argument("--warmup-reports", type=int, default=2,
+                   help="median: reports a trial makes before it may be cut")
     p.add_argument("--preset", default="small_model", help="model preset of every trial")
     p.add_argument("--work", default=None,
                    help="keep the study (store, MLflow database, data cache) in this folder, so "

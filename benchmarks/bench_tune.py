@@ -201,17 +201,21 @@ def prefetch(args) -> None:
     (out / "prefetch.json").write_text(json.dumps(results, indent=1))
 
 
-def _pruner_factories(args, per_report: int) -> dict:
-    """The pruners the replay compares, each a factory (Hyperband keeps per-study state)."""
+def _pruner_factories(args) -> dict:
+    """The pruners the replay compares, each a factory (Hyperband keeps per-study state).
+    "no cut before report k + 1" is the tune command's own wrapper (``AfterReports``, as
+    ``median_warmup_reports: k``)."""
     import optuna
+
+    from pipeline.tune.study import AfterReports
 
     median = optuna.pruners.MedianPruner
     factories = {
         "none": optuna.pruners.NopPruner,
         "median": lambda: median(n_startup_trials=args.startup),
         **{f"median, no cut before report {k + 1}": (
-            lambda k=k: median(n_startup_trials=args.startup, n_warmup_steps=k * per_report))
-           for k in (2, 4, 6)},
+            lambda k=k: AfterReports(median(n_startup_trials=args.startup), k))
+           for k in (1, 2, 4, 6)},
         "percentile-25": lambda: optuna.pruners.PercentilePruner(
             25.0, n_startup_trials=args.startup),
         "successive_halving-3": lambda: optuna.pruners.SuccessiveHalvingPruner(
@@ -291,7 +295,7 @@ def replay(args) -> None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
     rank_agreement(trials)
-    factories = _pruner_factories(args, per_report=trials[0]["curve"][0][0])
+    factories = _pruner_factories(args)
     target = 0.99 * full_best
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {}

@@ -77,3 +77,20 @@ def test_replay_over_orders_summarises_where_the_best_comes(tmp_path):
     assert orders["reached_share_q"][2] == pytest.approx(1.0)
     # The recorded order (best first) is reported as before, beside the summary.
     assert rows["none"]["reached_99pct_at_s"] == pytest.approx(35.0)
+
+
+def test_replay_waits_the_named_number_of_reports(tmp_path):
+    # The curves of the first test: trial 2 is below the median at every report. A pruner
+    # with "no cut before report k" cuts it at report k exactly (10 s per report, then the
+    # 0.3 s end of a pruned trial), as the tune command's median_warmup_reports: k - 1 does.
+    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
+              _trial(2, [0.1, 0.1, 0.1]), _trial(3, [0.6, 0.7, 0.8])]
+    study = {"pruner": "none", "seed": 0, "n_trials": 4, "study_wall_s": 140.0,
+             "summary": "", "trials": trials}
+    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    rows = _replay(tmp_path, "--pruned-end-s", "0.3")
+
+    for k in (2, 3):
+        row = rows[f"median, no cut before report {k}"]
+        assert row["pruned"] == 1
+        assert row["gpu_s"] == pytest.approx(35.0 + 35.0 + (10.0 * k + 0.3) + 35.0)

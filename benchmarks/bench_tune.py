@@ -228,6 +228,23 @@ def _pruner_factories(args) -> dict:
     return factories
 
 
+ORACLE = "oracle: knows the final values, cuts at report 1"
+
+
+def _final_value_oracle(target: float):
+    """A bound, not a pruner one could use: it knows each trial's final value (the user
+    attribute ``final`` that :func:`replay_order` sets) and cuts at its first report every
+    trial that ends below ``target``, with no startup trials. What it spends is the least any
+    pruner that keeps the best could spend, given where the reports fall."""
+    import optuna
+
+    class FinalValueOracle(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return trial.user_attrs["final"] < target
+
+    return FinalValueOracle()
+
+
 def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
                  target: float) -> dict:
     """One pruned study replayed on ``trials`` in the given order: the trials it cuts, the
@@ -239,6 +256,7 @@ def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
     spent, best, reached_at, pruned = 0.0, None, None, 0
     for r in trials:
         trial = study.ask()
+        trial.set_user_attr("final", r["value"])  # read by the oracle only
         end_overhead = r["seconds"] - r["curve"][-1][1]
         if pruned_overhead is not None:
             end_overhead = pruned_overhead
@@ -295,8 +313,8 @@ def replay(args) -> None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
     rank_agreement(trials)
-    factories = _pruner_factories(args)
     target = 0.99 * full_best
+    factories = _pruner_factories(args) | {ORACLE: lambda: _final_value_oracle(target)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {}
     for name, make in factories.items():

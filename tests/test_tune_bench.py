@@ -25,6 +25,20 @@ def _trial(number: int, values: list[float]) -> dict:
             "seconds": curve[-1][1] + 5.0, "params": PARAMS}
 
 
+def _four_trials() -> list[dict]:
+    """Trials 0 and 1 start the study; trial 2 stays low; trial 3 leads throughout and ends
+    best (0.8). Each costs 35 s: three reports 10 s apart, then 5 s of end of run."""
+    return [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
+            _trial(2, [0.1, 0.1, 0.1]), _trial(3, [0.6, 0.7, 0.8])]
+
+
+def _write_study(out: Path, trials: list[dict]) -> None:
+    """``trials`` as the unpruned study's JSON that the replay reads from ``out``."""
+    study = {"pruner": "none", "seed": 0, "n_trials": len(trials),
+             "study_wall_s": sum(t["seconds"] for t in trials), "summary": "", "trials": trials}
+    (out / "study-none.json").write_text(json.dumps(study))
+
+
 def _replay(out: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_tune.py"), "replay",
@@ -39,11 +53,7 @@ def test_replay_charges_a_pruned_trial_up_to_its_cut(tmp_path, pruned_end_s):
     # Trials 0 and 1 start the study (2 startup trials); trial 2 reports 0.1 at 1,024
     # samples, below the median (0.45) of the finished trials there, and is cut at its first
     # report; trial 3 leads throughout and is kept.
-    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
-              _trial(2, [0.1, 0.1, 0.1]), _trial(3, [0.6, 0.7, 0.8])]
-    study = {"pruner": "none", "seed": 0, "n_trials": 4, "study_wall_s": 140.0,
-             "summary": "", "trials": trials}
-    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    _write_study(tmp_path, _four_trials())
     extra = [] if pruned_end_s is None else ["--pruned-end-s", str(pruned_end_s)]
     rows = _replay(tmp_path, *extra)
 
@@ -63,10 +73,7 @@ def test_replay_over_orders_summarises_where_the_best_comes(tmp_path):
     # 35 s (half the study) when it comes first, and only at the end (70 s) when it comes
     # second; over many random orders both happen, and every order keeps the best and
     # spends all 70 s.
-    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.4, 0.4])]
-    study = {"pruner": "none", "seed": 0, "n_trials": 2, "study_wall_s": 70.0,
-             "summary": "", "trials": trials}
-    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    _write_study(tmp_path, [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.4, 0.4])])
     rows = _replay(tmp_path, "--orders", "40")
 
     orders = rows["none"]["orders"]
@@ -83,14 +90,28 @@ def test_replay_waits_the_named_number_of_reports(tmp_path):
     # The curves of the first test: trial 2 is below the median at every report. A pruner
     # with "no cut before report k" cuts it at report k exactly (10 s per report, then the
     # 0.3 s end of a pruned trial), as the tune command's median_warmup_reports: k - 1 does.
-    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
-              _trial(2, [0.1, 0.1, 0.1]), _trial(3, [0.6, 0.7, 0.8])]
-    study = {"pruner": "none", "seed": 0, "n_trials": 4, "study_wall_s": 140.0,
-             "summary": "", "trials": trials}
-    (tmp_path / "study-none.json").write_text(json.dumps(study))
+    _write_study(tmp_path, _four_trials())
     rows = _replay(tmp_path, "--pruned-end-s", "0.3")
 
     for k in (2, 3):
         row = rows[f"median, no cut before report {k}"]
         assert row["pruned"] == 1
         assert row["gpu_s"] == pytest.approx(35.0 + 35.0 + (10.0 * k + 0.3) + 35.0)
+
+
+def test_oracle_bound_cuts_every_trial_that_ends_below_the_best_at_its_first_report(tmp_path):
+    # Same curves: the best ends at 0.8, so the oracle keeps trial 3 alone (the others end
+    # at 0.7, 0.6 and 0.1, below 99% of it), whatever their early values, and needs no
+    # startup trials: each of them costs its first report (10 s) and the 0.3 s end.
+    _write_study(tmp_path, _four_trials())
+    rows = _replay(tmp_path, "--pruned-end-s", "0.3", "--orders", "20")
+
+    oracle = rows["oracle: knows the final values, cuts at report 1"]
+    spent = 3 * 10.3 + 35.0
+    assert oracle["pruned"] == 3
+    assert oracle["best"] == pytest.approx(0.8)
+    assert oracle["gpu_s"] == pytest.approx(spent)
+    assert oracle["reached_99pct_at_s"] == pytest.approx(spent)
+    # In every order it keeps the best and spends the same.
+    assert oracle["orders"]["best_kept_share"] == 1.0
+    assert oracle["orders"]["time_share_q"] == pytest.approx([spent / 140.0] * 3)

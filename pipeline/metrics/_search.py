@@ -212,11 +212,9 @@ def _relax_rows_unsynced(
     ``new`` and ``count`` (B, T) with the relaxed rows, and a device flag, true when more than
     ``max_rows`` needed relaxing (those beyond are left as they were)."""
     flat = need.reshape(-1)
-    rows = torch.nonzero_static(flat, size=min(max_rows, flat.numel()), fill_value=-1)
-    rows = rows.squeeze(-1)
-    # Padding repeats the first row, so that every write to a row writes the same values
-    # (the relaxed selection where the row needs it, else the row as it was).
-    rows = torch.where(rows >= 0, rows, rows[:1].clamp_min(0))
+    # The rows that need it first (a stable sort needs no count on the host), then others,
+    # which are written back as they were.
+    rows = torch.argsort((~flat).to(torch.int8), stable=True)[:max_rows]
     needed = flat[rows]
     kept = _relaxed_selection(rows, group, need.shape[1], cut, *fit)
     new, count = new.contiguous(), count.contiguous()  # the search's own: written in place

@@ -366,8 +366,8 @@ def _tm_search_inputs():
     return (x, y, valid), seeds, d0, score
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_shared_seed_fits_with_cutoff_relaxation(compiled):
+@pytest.mark.parametrize(("compiled", "overlap"), [(False, False), (True, False), (False, True)])
+def test_shared_seed_fits_with_cutoff_relaxation(compiled, overlap):
     """``seed_group`` with TM-score's cutoff relaxation (which needs the shared distances of
     every trajectory): TM-score's trajectories, each repeated with a second, tighter first
     cutoff, give the same best scores shared (``seed_group=2``) as fitted one by one."""
@@ -381,7 +381,8 @@ def test_shared_seed_fits_with_cutoff_relaxation(compiled):
     )
     cut_iter = (d0 + 1.0).unsqueeze(1).expand(-1, n_traj)
     args = (x, y, valid, pairs(start), pairs(width), pairs(ok), cut_first, cut_iter, *score)
-    kwargs = dict(n_fits=8, relax=True, stop_below_three=False, compiled=compiled)
+    kwargs = dict(n_fits=8, relax=True, stop_below_three=False, compiled=compiled,
+                  overlap=overlap)
     shared = _search.superposition_search(*args, **kwargs, seed_group=2)
     separate = _search.superposition_search(*args, **kwargs, seed_group=1)
     assert torch.allclose(shared, separate, atol=1e-12, rtol=0)

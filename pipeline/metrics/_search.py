@@ -209,8 +209,8 @@ def _relax_rows_unsynced(
     max_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_relax_where_needed` without a host sync, for at most ``max_rows`` trajectories:
-    ``new`` and ``count`` (B, T) with the relaxed rows, and a device flag, true when more than
-    ``max_rows`` needed relaxing (those beyond are left as they were)."""
+    ``new`` (B, T, N) and ``count`` (B, T) with the relaxed rows, and a device flag, true when
+    more than ``max_rows`` needed relaxing (those beyond are left as they were)."""
     flat = need.reshape(-1)
     # The rows that need it first (a stable sort needs no count on the host), then others,
     # which are written back as they were.
@@ -507,7 +507,7 @@ def superposition_search(
                 x, y, valid, start, width, traj_ok, cut_first, cut_iter, score_fn, score_args,
                 n_fits=n_fits, relax=relax, stop_below_three=stop_below_three,
                 chunk_elements=chunk_elements, solver=solver,
-                compiled=compiled and bool(converged), dedupe=dedupe, seed_group=seed_group,
+                compiled=compiled and converged, dedupe=dedupe, seed_group=seed_group,
                 overlap=overlap and not overflow,
             )
     return best

@@ -227,8 +227,9 @@ class AfterReports(optuna.pruners.BasePruner):
     Optuna's ``n_warmup_steps`` counts steps, and a trial's steps here are samples seen, whose
     number per report depends on the data set; counting reports needs no such figure. In the
     tuning benchmark (docs/benchmarks.md) the median pruner with 2 startup trials, replayed on
-    200 orders of a recorded study, kept the best trial in 49% of them when it could cut at the
-    first report, and in all of them when it could cut from the third.
+    200 orders of a recorded ten-trial study, kept the best trial in 49% of them when it could
+    cut at the first report, and in all of them when it could cut from the third (on a second,
+    16-trial study: 59% and 94%).
     """
 
     def __init__(self, pruner: optuna.pruners.BasePruner, n_reports: int):

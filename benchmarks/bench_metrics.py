@@ -178,55 +178,6 @@ def profile_parts(parts: dict, chosen: list[str], device: torch.device, out: Pat
     return {"profile": result}
 
 
-def count_fits(parts: dict[str, Callable[[], object]]) -> dict:
-    """``--count-fits``: trajectory-fits (fitted trajectories summed over refits) of each part,
-    with the search's ``overlap`` off and on.
-
-    Wraps the search's two fit functions and the ``superposition_search`` that ``gdt`` and
-    ``tm_score`` call, the way the shortcut test in tests/test_metrics.py does; restores them
-    afterwards. The results of the two settings are also compared (they must be equal).
-    """
-    import importlib
-
-    from pipeline.metrics import _search
-
-    originals = {name: getattr(_search, name)
-                 for name in ("_fit_from_moments", "quaternion_fit_unchecked")}
-    modules = [importlib.import_module(f"pipeline.metrics.{m}") for m in ("gdt", "tm_score")]
-    widths: list[int] = []
-
-    def counting(fit: Callable) -> Callable:
-        def wrapped(moments, *args, **kwargs):
-            widths.append(moments.shape[1])
-            return fit(moments, *args, **kwargs)
-        return wrapped
-
-    result: dict = {}
-    try:
-        for name, fit in originals.items():
-            setattr(_search, name, counting(fit))
-        for overlap in (False, True):
-            for module in modules:
-                module.superposition_search = (
-                    lambda *a, overlap=overlap, **k: _search.superposition_search(
-                        *a, **{**k, "overlap": overlap}))
-            for part, fn in parts.items():
-                widths.clear()
-                value = fn()
-                row = result.setdefault(part, {})
-                row[f"overlap_{str(overlap).lower()}"] = sum(widths)
-                row.setdefault("values", []).append(value)
-    finally:
-        for name, fit in originals.items():
-            setattr(_search, name, fit)
-        for module in modules:
-            module.superposition_search = _search.superposition_search
-    for row in result.values():
-        first, second = row.pop("values")
-        row["equal"] = bool(torch.equal(first, second))
-    return {"trajectory_fits": result}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="structures in the batch")
@@ -249,9 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="profile one call of each PART (after a warm-up call): operator "
                              "tables and the host syncs with their call sites, written to "
                              "OUT/profile-PART.txt; nothing else is run")
-    parser.add_argument("--count-fits", nargs="+", default=None, metavar="PART",
-                        help="count the trajectory-fits of each PART (a GDT-TS or TM-score "
-                             "part) with the search's overlap off and on; nothing else is run")
     parser.add_argument("--compiled", action="store_true",
                         help="also time the metric set and its parts with compiled=True (fused "
                              "kernels from torch.compile), with the compile time and agreement")
@@ -319,15 +267,6 @@ def main(argv: list[str] | None = None) -> dict:
         }
     if args.profile is not None:
         return profile_parts(parts, args.profile, device, args.out, parser)
-    if args.count_fits is not None:
-        unknown = sorted(set(args.count_fits) - set(parts))
-        if unknown:
-            parser.error(f"--count-fits: unknown part(s) {unknown}; choose from {list(parts)}")
-        result |= count_fits({k: parts[k] for k in args.count_fits})
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_metrics.json").write_text(json.dumps(result, indent=2))
-        logger.info("trajectory-fits: %s", result["trajectory_fits"])
-        return result
     if args.parts_only is not None:
         chosen = args.parts_only or list(parts)
         unknown = sorted(set(chosen) - set(parts))

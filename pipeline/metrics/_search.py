@@ -45,11 +45,6 @@ DEFAULT_CHUNK_ELEMENTS: int | None = None
 #: compacting at half: exhaustive TM-score 15,282 -> 13,138, GDT-TS with 512 seeds 18,757 ->
 #: 15,031).
 COMPACT_BELOW = 0.9
-#: With ``overlap`` (the CUDA default), TM-score's cutoff relaxation is applied to at most this
-#: many trajectories per refit, chosen on the device without a host sync; a refit that needs
-#: more (none did on the benchmark batch, where no fit kept fewer than 3 residues) makes the
-#: search run again without ``overlap``. 1024 rows of 500 residues are 4 MB of distances.
-RELAX_ROWS = 1024
 
 
 def resolve_chunk_elements(chunk_elements: int | None, device: torch.device) -> int:
@@ -165,83 +160,28 @@ def _relaxed_cutoff(d2: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return cut + 0.5 * inc
 
 
-def _relaxed_selection(
-    rows: torch.Tensor,
-    group: int,
-    n_traj: int,
+def _relax_where_needed(
+    need: torch.Tensor,
+    new: torch.Tensor,
     cut: torch.Tensor,
     products: torch.Tensor,
     t: torch.Tensor,
     base: torch.Tensor,
     valid: torch.Tensor,
+    group: int,
 ) -> torch.Tensor:
-    """(R, N) residues kept under the relaxed cutoffs (:func:`_relaxed_cutoff`) of the
-    trajectories ``rows`` (R,), flat indices into (B, T). Their distances are formed again
+    """``new`` (B, T, N) with the kept residues of the ``need`` (B, T) trajectories re-selected
+    under their relaxed cutoffs (:func:`_relaxed_cutoff`). Their distances are formed again
     from the fit's ``products`` and ``t`` (whose rows are shared by ``group`` consecutive
     trajectories), for those rows only: no (B, T, N) distances are kept for this rare case."""
-    b_idx, t_idx = rows // n_traj, rows % n_traj
+    b_idx, t_idx = need.nonzero(as_tuple=True)
     fit_idx = t_idx // group
     d2 = squared_distances(products[b_idx, fit_idx].unsqueeze(1), t[b_idx, fit_idx].unsqueeze(1),
                            base[b_idx], valid[b_idx]).squeeze(1)
-    relaxed = _relaxed_cutoff(d2, cut.reshape(-1)[rows])
-    return d2 < (relaxed * relaxed).unsqueeze(-1)
-
-
-def _relax_where_needed(
-    need: torch.Tensor, new: torch.Tensor, cut: torch.Tensor, *fit: torch.Tensor, group: int
-) -> torch.Tensor:
-    """``new`` (B, T, N) with the kept residues of the ``need`` (B, T) trajectories re-selected
-    under their relaxed cutoffs; ``fit`` is ``products, t, base, valid`` as for
-    :func:`_relaxed_selection`. Finding the rows costs a host sync."""
-    rows = need.reshape(-1).nonzero().squeeze(-1)
+    relaxed = _relaxed_cutoff(d2, cut[b_idx, t_idx])
     new = new.clone()
-    new.view(-1, new.shape[-1])[rows] = _relaxed_selection(rows, group, need.shape[1], cut, *fit)
+    new[b_idx, t_idx] = d2 < (relaxed * relaxed).unsqueeze(-1)
     return new
-
-
-def _relax_rows_unsynced(
-    need: torch.Tensor,
-    new: torch.Tensor,
-    count: torch.Tensor,
-    cut: torch.Tensor,
-    *fit: torch.Tensor,
-    group: int,
-    max_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_relax_where_needed` without a host sync, for at most ``max_rows`` trajectories:
-    ``new`` (B, T, N) and ``count`` (B, T) with the relaxed rows, and a device flag, true when
-    more than ``max_rows`` needed relaxing (those beyond are left as they were)."""
-    flat = need.reshape(-1)
-    # The rows that need it first (a stable sort needs no count on the host), then others,
-    # which are written back as they were.
-    rows = torch.argsort((~flat).to(torch.int8), stable=True)[:max_rows]
-    needed = flat[rows]
-    kept = _relaxed_selection(rows, group, need.shape[1], cut, *fit)
-    new, count = new.contiguous(), count.contiguous()  # the search's own: written in place
-    new_rows, count_rows = new.view(-1, new.shape[-1]), count.view(-1)
-    new_rows[rows] = torch.where(needed.unsqueeze(-1), kept, new_rows[rows])
-    count_rows[rows] = torch.where(needed, kept.sum(-1), count_rows[rows])
-    return new, count, flat.sum() > max_rows
-
-
-class _HostValue:
-    """An integer on the device, copied to the host asynchronously (CUDA: into pinned memory,
-    with an event) so that reading it later waits only for the work queued before it."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self._event = None
-        if value.device.type == "cuda":
-            self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
-            self._host.copy_(value, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = value
-
-    def get(self) -> int:
-        if self._event is not None:
-            self._event.synchronize()
-        return int(self._host)
 
 
 def _advance(
@@ -308,7 +248,6 @@ def superposition_search(
     compiled: bool = False,
     dedupe: bool = True,
     seed_group: int = 1,
-    overlap: bool | None = None,
 ) -> torch.Tensor:
     """Run all trajectories and return the best score of every structure, (B, K).
 
@@ -356,22 +295,14 @@ def superposition_search(
         cutoffs, as GDT's one trajectory per cutoff and seed. The seed fit, its distances and
         its scores are then computed once per group, and each cutoff selects its subset from
         the shared distances. ``T`` must be a multiple of it.
-    overlap
-        Keep the host one refit ahead of the device (default: on CUDA). The count of active
-        trajectories, which decides when to compact and stop, is read one refit late from an
-        asynchronous copy, so the host queues refit k + 1 while the device runs refit k
-        instead of waiting for it; TM-score's cutoff relaxation then works on at most
-        :data:`RELAX_ROWS` trajectories per refit, found on the device. Results are the same
-        (a trajectory refitted on its unchanged subset scores as before); if some refit needed
-        more relaxed rows, the search is redone without ``overlap``.
 
     Notes
     -----
     A trajectory stops when a refit keeps exactly the subset it was fitted on (the check is
     skipped after the seed fit, as in US-align, because the cutoff may change there). Stopped
     trajectories are dropped from the chunk once they are at least a tenth of it
-    (:data:`COMPACT_BELOW`). Without ``overlap``, one host sync per refit reads how many go
-    on (and whether a cutoff needs relaxing).
+    (:data:`COMPACT_BELOW`). One host sync per refit reads how many go on (and whether a
+    cutoff needs relaxing).
     """
     b, n, _ = x.shape
     dev = x.device
@@ -382,7 +313,6 @@ def superposition_search(
             f"but got seed_group={seed_group}."
         )
     solver = resolve_solver(solver, dev)
-    overlap = dev.type == "cuda" if overlap is None else bool(overlap)
     ones = torch.ones(b, n, 1, dtype=torch.float64, device=dev)
     xy = (x.unsqueeze(-1) * y.unsqueeze(-2)).reshape(b, n, 9)  # x_i y_j
     yx = (y.unsqueeze(-1) * x.unsqueeze(-2)).reshape(b, n, 9)  # y_i x_j
@@ -404,7 +334,6 @@ def superposition_search(
     # the search, instead of after every fit (a device sync each).
     unchecked_fits = compiled and solver == "quaternion"
     all_converged: torch.Tensor | None = None
-    relax_overflow: torch.Tensor | None = None  # overlap: a refit needed > RELAX_ROWS rows
     score = fused(score_fits) if compiled else score_fits
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
@@ -417,7 +346,6 @@ def superposition_search(
             & valid3
         )
         active = ok.clone()
-        pending: _HostValue | None = None  # overlap: the active count of the refit before
         for k in range(n_fits):
             cut = c_first if k == 0 else c_iter
             # The seed fit of a group is shared: fit its first trajectory, apply all g cutoffs.
@@ -447,37 +375,22 @@ def superposition_search(
             need = None
             if relax and n > 3:
                 need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
-            fit = (products, t, base, valid)
-            group = g if shared else 1
-            if overlap:
-                if need is not None:
-                    new, count, over = _relax_rows_unsynced(need, new, count, cut, *fit,
-                                                            group=group, max_rows=RELAX_ROWS)
-                    relax_overflow = over if relax_overflow is None else relax_overflow | over
-                active, subset = _advance(active, subset, new, count, k > 0, stop_below_three)
-                # Read the count of the refit before, queued ahead of this one: the device
-                # has it (or nearly) by now. Compacting on it keeps every active trajectory
-                # (counts only fall); stopping on it costs one refit of unchanged subsets.
-                latest, pending = pending, _HostValue(active.sum(-1).max())
-                if latest is None:
-                    continue
-                n_active = latest.get()
-            else:
-                next_active, next_subset = _advance(active, subset, new, count, k > 0,
+            next_active, next_subset = _advance(active, subset, new, count, k > 0,
+                                                stop_below_three)
+            # One host sync per refit: whether a cutoff needs relaxing (rare: only where a fit
+            # keeps fewer than 3 residues) and how many trajectories go on.
+            flags = torch.stack([
+                next_active.sum(-1).max(),
+                need.any().long() if need is not None else torch.zeros_like(n_valid[0]),
+            ]).tolist()
+            if flags[1]:
+                new = _relax_where_needed(need, new, cut, products, t, base, valid,
+                                          g if shared else 1)
+                next_active, next_subset = _advance(active, subset, new, new.sum(-1), k > 0,
                                                     stop_below_three)
-                # One host sync per refit: whether a cutoff needs relaxing (rare: only where
-                # a fit keeps fewer than 3 residues) and how many trajectories go on.
-                flags = torch.stack([
-                    next_active.sum(-1).max(),
-                    need.any().long() if need is not None else torch.zeros_like(n_valid[0]),
-                ]).tolist()
-                if flags[1]:
-                    new = _relax_where_needed(need, new, cut, *fit, group=group)
-                    next_active, next_subset = _advance(active, subset, new, new.sum(-1), k > 0,
-                                                        stop_below_three)
-                    flags[0] = int(next_active.sum(-1).max())
-                active, subset = next_active, next_subset
-                n_active = flags[0]
+                flags[0] = int(next_active.sum(-1).max())
+            active, subset = next_active, next_subset
+            n_active = flags[0]
             if n_active == 0:
                 break
             if n_active <= COMPACT_BELOW * active.shape[1]:
@@ -492,24 +405,16 @@ def superposition_search(
                 c_iter = torch.gather(c_iter, 1, keep)
     if best is None:
         raise ValueError("superposition_search needs at least one trajectory (T >= 1).")
-    if all_converged is not None or relax_overflow is not None:
-        true = torch.ones((), dtype=torch.bool, device=dev)
-        converged, overflow = torch.stack([  # one sync for both checks
-            all_converged if all_converged is not None else true,
-            relax_overflow if relax_overflow is not None else ~true,
-        ]).tolist()
-        if not converged or overflow:
-            # Some fit needed more Newton steps (none did on the benchmark structures), so its
-            # rotation and the subsets that followed may be off: redo with the eager fits,
-            # which iterate until converged. Or some refit needed more relaxed cutoffs than
-            # overlap handles: redo without it.
-            return superposition_search(
-                x, y, valid, start, width, traj_ok, cut_first, cut_iter, score_fn, score_args,
-                n_fits=n_fits, relax=relax, stop_below_three=stop_below_three,
-                chunk_elements=chunk_elements, solver=solver,
-                compiled=compiled and converged, dedupe=dedupe, seed_group=seed_group,
-                overlap=overlap and not overflow,
-            )
+    if all_converged is not None and not bool(all_converged):
+        # Some fit needed more Newton steps (none did on the benchmark structures): its
+        # rotation, and the subsets that followed from it, may be off. Redo the search with
+        # the eager fits, which iterate until converged.
+        return superposition_search(
+            x, y, valid, start, width, traj_ok, cut_first, cut_iter, score_fn, score_args,
+            n_fits=n_fits, relax=relax, stop_below_three=stop_below_three,
+            chunk_elements=chunk_elements, solver=solver, compiled=False, dedupe=dedupe,
+            seed_group=seed_group,
+        )
     return best
 
 

@@ -216,6 +216,11 @@ def _pruner_factories(args) -> dict:
         **{f"median, no cut before report {k + 1}": (
             lambda k=k: AfterReports(median(n_startup_trials=args.startup), k))
            for k in (1, 2, 4, 6)},
+        # Median that cuts only after `patience` reports without improvement: tolerates a dip
+        # such as the best trial's at report 2 of the half study.
+        **{f"patient median, patience {p}": (
+            lambda p=p: optuna.pruners.PatientPruner(median(n_startup_trials=args.startup), p))
+           for p in (1, 2)},
         "percentile-25": lambda: optuna.pruners.PercentilePruner(
             25.0, n_startup_trials=args.startup),
         "successive_halving-3": lambda: optuna.pruners.SuccessiveHalvingPruner(

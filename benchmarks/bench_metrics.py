@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compiled", action="store_true",
                         help="also time the metric set and its parts with compiled=True (fused "
                              "kernels from torch.compile), with the compile time and agreement")
+    parser.add_argument("--compiled-bookkeeping", action="store_true",
+                        help="compiled searches also compile their per-refit bookkeeping "
+                             "(pipeline.metrics._search.COMPILED_BOOKKEEPING)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{flag} must be at least 1, got {getattr(args, name)}")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.compiled_bookkeeping:
+        from pipeline.metrics import _search
+
+        _search.COMPILED_BOOKKEEPING = True
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ref = make_structures(
         args.n, args.length, seed=args.seed, noise=args.noise, drift=args.drift

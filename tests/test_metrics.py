@@ -413,6 +413,43 @@ def test_compiled_metric_set_equals_the_eager_one():
     assert (eager["rmsd"] > 0.5).all() and (eager["gdt_ts"] < 1).all()  # not a trivial case
 
 
+def test_compiled_bookkeeping_changes_no_search_result(monkeypatch):
+    """``COMPILED_BOOKKEEPING`` (the stop rules, repeats and host-read counts of each refit in
+    generated kernels) gives the compiled searches' GDT fractions and TM-scores bit for bit:
+    masked residues, small chunks (compaction); the generated bookkeeping is really what
+    runs."""
+    from pipeline.metrics import _search
+
+    ref = random_walk(3, 80, seed=41)
+    model = noisy(ref, 5.0, seed=42)
+    mask = full_mask(ref)
+    mask[0, 60:] = False
+    mask[2, ::6] = False
+
+    def results():
+        out = []
+        for chunk in (None, 4000):
+            out.append(gdt(model, ref, mask, max_seeds=64, compiled=True,
+                           chunk_elements=chunk).fractions)
+            out.append(tm_score(model, ref, mask, compiled=True, chunk_elements=chunk))
+        return out
+
+    before = results()
+    calls = []
+    fused = _search.fused
+
+    def recording(fn):
+        calls.append(fn.__name__)
+        return fused(fn)
+
+    monkeypatch.setattr(_search, "fused", recording)
+    monkeypatch.setattr(_search, "COMPILED_BOOKKEEPING", True)
+    after = results()
+    assert {"_bookkeeping", "_drop_repeats"} <= set(calls)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_lddt_row_blocks_do_not_change_the_result(pair, monkeypatch):
     model, ref, mask = pair
     residue = torch.arange(60).div(3, rounding_mode="floor").expand(3, 60)

@@ -45,6 +45,12 @@ DEFAULT_CHUNK_ELEMENTS: int | None = None
 #: compacting at half: exhaustive TM-score 15,282 -> 13,138, GDT-TS with 512 seeds 18,757 ->
 #: 15,031).
 COMPACT_BELOW = 0.9
+#: Compiled searches also compile their per-refit bookkeeping (:func:`_drop_repeats`,
+#: :func:`_bookkeeping`): a few generated kernels instead of about forty eager launches per
+#: refit, since on CUDA the compiled searches are bound by the host's launches. Off until its
+#: speed is measured on the GPU (docs/benchmarks.md, "Compiling the bookkeeping"); the
+#: results are the same either way (tests).
+COMPILED_BOOKKEEPING = False
 
 
 def resolve_chunk_elements(chunk_elements: int | None, device: torch.device) -> int:
@@ -228,6 +234,43 @@ def _repeats(
     return torch.zeros_like(active).scatter(1, order, repeat_sorted)
 
 
+def _drop_repeats(
+    moments: torch.Tensor, cut: torch.Tensor, active: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``active`` without the trajectories that repeat another (:func:`_repeats`)."""
+    return active & ~_repeats(moments, cut, active, weights)
+
+
+def _bookkeeping(
+    scores: torch.Tensor,
+    fitted_ok: torch.Tensor,
+    active: torch.Tensor,
+    subset: torch.Tensor,
+    new: torch.Tensor,
+    count: torch.Tensor,
+    n_valid: torch.Tensor,
+    check_repeat: bool,
+    stop_below_three: bool,
+    relax: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a refit of :func:`superposition_search` leaves behind: the best score of each
+    structure over the fitted trajectories (B, K), the trajectories whose cutoff needs relaxing
+    (B, T, or ``None`` without ``relax``), the next ``active`` and ``subset``
+    (:func:`_advance`) and, as one (2,) tensor for one host read, the largest active count of
+    a structure and whether any cutoff needs relaxing."""
+    scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
+    need = None
+    if relax:
+        need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
+    next_active, next_subset = _advance(active, subset, new, count, check_repeat,
+                                        stop_below_three)
+    flags = torch.stack([
+        next_active.sum(-1).max(),
+        need.any().long() if need is not None else torch.zeros_like(n_valid[0]),
+    ])
+    return scores, need, next_active, next_subset, flags
+
+
 def superposition_search(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -335,6 +378,9 @@ def superposition_search(
     unchecked_fits = compiled and solver == "quaternion"
     all_converged: torch.Tensor | None = None
     score = fused(score_fits) if compiled else score_fits
+    compile_bookkeeping = compiled and COMPILED_BOOKKEEPING
+    bookkeeping = fused(_bookkeeping) if compile_bookkeeping else _bookkeeping
+    drop_repeats = fused(_drop_repeats) if compile_bookkeeping else _drop_repeats
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
         st, wd, ok = start[:, sl], width[:, sl], traj_ok[:, sl]
@@ -355,7 +401,7 @@ def superposition_search(
                 cut = cut.unflatten(1, (-1, g))
             m = torch.bmm(fitted.double(), moments)
             if dedupe and k > 0:
-                active = active & ~_repeats(m, c_iter, active, key_weights)
+                active = drop_repeats(m, c_iter, active, key_weights)
             if unchecked_fits:
                 r, t, _, converged = quaternion_fit_unchecked(m)
                 converged = converged.all()
@@ -368,21 +414,18 @@ def superposition_search(
                                        score_args)
             if shared:
                 cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
-            scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
-            best = scores if best is None else torch.maximum(best, scores)
             if k == n_fits - 1:
+                scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
+                best = scores if best is None else torch.maximum(best, scores)
                 break
-            need = None
-            if relax and n > 3:
-                need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
-            next_active, next_subset = _advance(active, subset, new, count, k > 0,
-                                                stop_below_three)
+            scores, need, next_active, next_subset, flags = bookkeeping(
+                scores, fitted_ok, active, subset, new, count, n_valid, k > 0,
+                stop_below_three, relax and n > 3,
+            )
+            best = scores if best is None else torch.maximum(best, scores)
             # One host sync per refit: whether a cutoff needs relaxing (rare: only where a fit
             # keeps fewer than 3 residues) and how many trajectories go on.
-            flags = torch.stack([
-                next_active.sum(-1).max(),
-                need.any().long() if need is not None else torch.zeros_like(n_valid[0]),
-            ]).tolist()
+            flags = flags.tolist()
             if flags[1]:
                 new = _relax_where_needed(need, new, cut, products, t, base, valid,
                                           g if shared else 1)

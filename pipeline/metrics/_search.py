@@ -241,6 +241,11 @@ def _drop_repeats(
     return active & ~_repeats(moments, cut, active, weights)
 
 
+def _best_fitted(scores: torch.Tensor, fitted_ok: torch.Tensor) -> torch.Tensor:
+    """(B, K) best of the scores (B, T, K) of the trajectories that exist (``fitted_ok``)."""
+    return torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
+
+
 def _bookkeeping(
     scores: torch.Tensor,
     fitted_ok: torch.Tensor,
@@ -258,7 +263,7 @@ def _bookkeeping(
     (B, T, or ``None`` without ``relax``), the next ``active`` and ``subset``
     (:func:`_advance`) and, as one (2,) tensor for one host read, the largest active count of
     a structure and whether any cutoff needs relaxing."""
-    scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
+    scores = _best_fitted(scores, fitted_ok)
     need = None
     if relax:
         need = (count < 3) & (n_valid > 3).unsqueeze(-1) & active
@@ -415,7 +420,7 @@ def superposition_search(
             if shared:
                 cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
             if k == n_fits - 1:
-                scores = torch.where(fitted_ok.unsqueeze(-1), scores, -math.inf).amax(1)
+                scores = _best_fitted(scores, fitted_ok)
                 best = scores if best is None else torch.maximum(best, scores)
                 break
             scores, need, next_active, next_subset, flags = bookkeeping(

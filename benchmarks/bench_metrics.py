@@ -73,9 +73,12 @@ def make_structures(
     return model, ref
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median wall time in seconds of ``fn`` over ``repeats`` runs (after one warm-up)."""
-    out = fn()
+def timed(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmups: int = 1
+) -> tuple[float, object]:
+    """Median wall time in seconds of ``fn`` over ``repeats`` runs (after ``warmups`` runs)."""
+    for _ in range(warmups):
+        out = fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -91,6 +94,22 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
             out = fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def checksum(out: object) -> float:
+    """Sum of every number in a part's result (a tensor, or tuples and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return float(out.double().sum())
+    if isinstance(out, dict):
+        return sum(checksum(v) for v in out.values())
+    return sum(checksum(v) for v in out)
+
+
+def dynamo_counters() -> dict:
+    """torch.compile's event counters (recompilations, graphs recorded or skipped)."""
+    from torch._dynamo.utils import counters
+
+    return counters
 
 
 def biotite_per_structure(model: np.ndarray, ref: np.ndarray) -> dict | None:
@@ -134,16 +153,17 @@ def biotite_per_structure(model: np.ndarray, ref: np.ndarray) -> dict | None:
 
 def time_metric_set(
     model: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, val_budget: dict, repeats: int,
-    **kwargs,
+    warmups: int = 1, **kwargs,
 ) -> tuple[dict, dict, dict]:
     """Timings of :func:`score_batch` on the batch, exhaustive and with ``val_budget``, and
     the scores of both."""
     device, n = model.device, model.shape[0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_exh, scores_exh = timed(lambda: score_batch(model, ref, mask, **kwargs), device, repeats)
+    t_exh, scores_exh = timed(lambda: score_batch(model, ref, mask, **kwargs), device, repeats,
+                              warmups)
     t_val, scores_val = timed(lambda: score_batch(model, ref, mask, **val_budget, **kwargs),
-                              device, repeats)
+                              device, repeats, warmups)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     timing = {
         "metric_set_exhaustive_s": t_exh,
@@ -156,7 +176,7 @@ def time_metric_set(
 
 
 def profile_parts(parts: dict, chosen: list[str], device: torch.device, out: Path,
-                  parser: argparse.ArgumentParser) -> dict:
+                  parser: argparse.ArgumentParser, warmups: int = 1) -> dict:
     """``--profile``: where the time of each chosen part goes (see :func:`main`)."""
     try:  # run as a script (benchmarks/ on sys.path) or as a module of the benchmarks package
         from bench_model import profile_table, trace_host_syncs
@@ -168,7 +188,7 @@ def profile_parts(parts: dict, chosen: list[str], device: torch.device, out: Pat
     out.mkdir(parents=True, exist_ok=True)
     result = {}
     for name in chosen:
-        seconds, _ = timed(parts[name], device, 1)  # the warm-up call compiles, if compiled
+        seconds, _ = timed(parts[name], device, 1, warmups)  # warm-ups compile, if compiled
         n_syncs, sites = trace_host_syncs(parts[name], device)
         table = profile_table(parts[name], device)
         header = f"{name}: {seconds * 1e3:.2f} ms; host syncs: {n_syncs} ({', '.join(sites)})"
@@ -206,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compiled-bookkeeping", action="store_true",
                         help="compiled searches also compile their per-refit bookkeeping "
                              "(pipeline.metrics._search.COMPILED_BOOKKEEPING)")
+    parser.add_argument("--graphed-refits", action="store_true",
+                        help="compiled quaternion searches run their refits as CUDA graphs "
+                             "(pipeline.metrics._search.GRAPHED_REFITS); three warm-up calls "
+                             "per part (a graph is recorded at the second call of a shape)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -216,10 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{flag} must be at least 1, got {getattr(args, name)}")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.compiled_bookkeeping:
-        from pipeline.metrics import _search
+    from pipeline.metrics import _search
 
-        _search.COMPILED_BOOKKEEPING = True
+    _search.COMPILED_BOOKKEEPING = args.compiled_bookkeeping
+    _search.GRAPHED_REFITS = args.graphed_refits
+    warmups = 3 if args.graphed_refits else 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ref = make_structures(
         args.n, args.length, seed=args.seed, noise=args.noise, drift=args.drift
@@ -273,14 +298,19 @@ def main(argv: list[str] | None = None) -> dict:
             ),
         }
     if args.profile is not None:
-        return profile_parts(parts, args.profile, device, args.out, parser)
+        return profile_parts(parts, args.profile, device, args.out, parser, warmups)
     if args.parts_only is not None:
         chosen = args.parts_only or list(parts)
         unknown = sorted(set(chosen) - set(parts))
         if unknown:
             parser.error(f"--parts-only: unknown part(s) {unknown}; choose from {list(parts)}")
-        result["device"] = {"parts_s": {k: timed(parts[k], device, args.repeats)[0]
-                                        for k in chosen}}
+        timings = {k: timed(parts[k], device, args.repeats, warmups) for k in chosen}
+        result["device"] = {
+            "parts_s": {k: v[0] for k, v in timings.items()},
+            # Sums of each part's last results: equal across variants that must agree.
+            "parts_checksum": {k: checksum(v[1]) for k, v in timings.items()},
+            "dynamo_counters": {k: dict(v) for k, v in dynamo_counters().items() if v},
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_metrics.json").write_text(json.dumps(result, indent=2))
         logger.info("parts (ms): %s", {k: round(v * 1e3, 3)
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         first = score_batch(md, rd, kd, compiled=True)
         first_call_s = time.perf_counter() - t0  # compilation of every fused kernel included
         compiled, scores_c, _ = time_metric_set(md, rd, kd, val_budget, args.repeats,
-                                                compiled=True)
+                                                warmups, compiled=True)
         compiled |= {
             "first_call_s": first_call_s,
             "max_abs_diff_vs_eager": {
@@ -307,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("compiled: first call %.1f s, metric set %.3f s (exhaustive), %.3f s "
                     "(validation budget)", first_call_s, compiled["metric_set_exhaustive_s"],
                     compiled["metric_set_validation_budget_s"])
-    part_times = {k: timed(f, device, args.repeats)[0] for k, f in parts.items()}
+    part_times = {k: timed(f, device, args.repeats, warmups)[0] for k, f in parts.items()}
     result["device"] = timing | {
         "validation_budget": val_budget,
         "parts_s": part_times,

@@ -450,6 +450,124 @@ def test_compiled_bookkeeping_changes_no_search_result(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_graph_rows_ladder():
+    """Compaction under ``GRAPHED_REFITS`` keeps rows from a short ladder: enough for every
+    count, less than half more than needed, and few distinct sizes below a chunk."""
+    from pipeline.metrics._search import graph_rows
+
+    sizes = [graph_rows(n) for n in range(1, 2049)]
+    assert all(s >= max(n, 3) for n, s in enumerate(sizes, start=1))
+    assert all(2 * s < 3 * n for n, s in enumerate(sizes, start=1) if n > 3)
+    assert sorted(set(sizes))[:8] == [3, 4, 6, 8, 12, 16, 24, 32]
+    assert len(set(sizes)) == 20 and graph_rows(2048) == 2048
+
+
+def graph_like_backend(calls: list, shapes: set):
+    """A ``torch.compile`` backend that treats its outputs as CUDA graphs' memory: they are
+    returned in tensors held by the backend and spoiled when the next call starts (as the
+    graphs' shared memory pool may reuse them then), so a caller that keeps an output past
+    that, or passes one back in without a copy, computes with garbage. It records its
+    compilations (as ``None`` in ``calls``), its calls and the shapes of the first input (the
+    subsets)."""
+    held: dict = {}
+
+    def spoil(t: torch.Tensor) -> None:
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.fill_(-7)
+
+    def backend(gm, example_inputs):
+        calls.append(None)
+
+        def run(*args):
+            for buffers in held.values():
+                for buffer in buffers:
+                    spoil(buffer)
+            outs = gm(*args)
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            shapes.add(tuple(tensors[0].shape))
+            calls.append(1)
+            key = tuple((tuple(o.shape), o.dtype) for o in outs)
+            buffers = held.setdefault(key, [torch.empty_like(o) for o in outs])
+            for buffer, out in zip(buffers, outs, strict=True):
+                buffer.copy_(out)
+            return type(outs)(buffers) if isinstance(outs, tuple) else list(buffers)
+
+        return run
+
+    return backend
+
+
+def test_graphed_refits_change_no_search_result(monkeypatch):
+    """``GRAPHED_REFITS``: every refit after the seed fit as one traced function with no host
+    sync (``fullgraph``: a sync would be a tracing error), run through a backend whose outputs
+    are overwritten at every call like a CUDA graph's. GDT fractions and TM-scores equal those
+    of the search without it (quaternion fits, masked residues, compaction to the ladder's
+    sizes, TM-score's cutoff relaxation in a graphed refit), and the traced refit really
+    runs. On the GPU the same function runs as CUDA graphs (docs/benchmarks.md)."""
+    from pipeline.metrics import _fused, _search
+    from pipeline.metrics.superpose import _cofactor_tables, _fused_quaternion_fit
+
+    # The pieces of the seed fit and of the ungraphed search run eagerly: this test is about
+    # the graphed loop, not about generated kernels (tested above).
+    monkeypatch.setattr(_search, "fused", lambda fn: fn)
+    monkeypatch.setattr(_search, "quaternion_fit_unchecked",
+                        lambda m: _fused_quaternion_fit(m, *_cofactor_tables(m)))
+    ref = random_walk(3, 90, seed=51)
+    model = noisy(ref, 4.0, seed=52)
+    mask = full_mask(ref)
+    mask[0, 70:] = False
+    mask[2, ::6] = False
+    tm_module = importlib.import_module("pipeline.metrics.tm_score")
+    x, y, valid, n_valid = _search.compact(model, ref, mask)
+    start, width, ok = _search.window_seeds(
+        n_valid.tolist(), tm_module.tm_fragment_lengths, None, x.device
+    )
+    d0 = tm_module.rna_d0(n_valid.double()).clamp(4.5, 8.0)
+    n_traj = start.shape[1]
+    relaxing = (  # a tight refit cutoff: refits keep fewer than 3 residues and relax it
+        x, y, valid, start, width, ok, (d0 + 1.0).unsqueeze(1).expand(-1, n_traj),
+        torch.full_like(d0, 0.4).unsqueeze(1).expand(-1, n_traj), tm_module._tm_sums,
+        (1.0 / (d0 * d0)[:, None, None], 1.0 / n_valid.double()[:, None]),
+    )
+    relaxed_at = []
+    relax = _search._relax_where_needed
+
+    def counting_relax(need, *args):
+        relaxed_at.append(int(need.sum()))
+        return relax(need, *args)
+
+    monkeypatch.setattr(_search, "_relax_where_needed", counting_relax)
+
+    def results():
+        out = []
+        for chunk in (None, 3000):
+            kwargs = dict(compiled=True, solver="quaternion", chunk_elements=chunk)
+            out.append(gdt(model, ref, mask, max_seeds=64, **kwargs).fractions)
+            out.append(tm_score(model, ref, mask, **kwargs))
+            out.append(_search.superposition_search(
+                *relaxing, n_fits=6, relax=True, stop_below_three=False, **kwargs))
+        return out
+
+    before = results()
+    relaxed_before = len(relaxed_at)
+    calls, shapes = [], set()
+    monkeypatch.setattr(_fused, "GRAPH_BACKEND", graph_like_backend(calls, shapes))
+    monkeypatch.setattr(_search, "GRAPHED_REFITS", True)
+    after = results()
+    assert relaxed_before > 0 and len(relaxed_at) > 2 * relaxed_before - 2  # graphed ones too
+    # Chunks start at their own size; compaction then keeps the ladder's sizes.
+    ladder = {_search.graph_rows(n) for n in range(1, 4096)}
+    assert calls and len({rows for _, rows, _ in shapes} & ladder) > 3
+    assert calls.count(None) == 2  # one compilation per score function (GDT, TM-score)
+    for a, b in zip(before, after, strict=True):
+        assert torch.allclose(a, b, atol=1e-9, rtol=0)
+    assert (before[1] > 0.1).all() and (before[1] < 1).all()
+
+
 def test_lddt_row_blocks_do_not_change_the_result(pair, monkeypatch):
     model, ref, mask = pair
     residue = torch.arange(60).div(3, rounding_mode="floor").expand(3, 60)

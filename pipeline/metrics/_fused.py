@@ -50,6 +50,38 @@ def fused(fn: Callable) -> Callable:
     return run
 
 
+#: How :func:`graphed` compiles: ``"inductor"``, generated kernels replayed as CUDA graphs
+#: (``mode="reduce-overhead"``; on the CPU plain generated kernels). Tests on the CPU name a
+#: cheaper backend to trace the same function.
+GRAPH_BACKEND: str | Callable = "inductor"
+
+
+def graphed(fn: Callable) -> Callable:
+    """``fn`` compiled whole (``fullgraph``, dynamic shapes) into generated kernels that run as
+    one CUDA graph per distinct input shape, without autograd: after two calls at a shape
+    (a warm-up, a recording) a call is one graph replay plus copies of its inputs, whatever
+    the number of kernels inside, so the host's launches cost nothing. ``fn`` must not sync
+    with the host (``fullgraph`` makes a sync a tracing error). The outputs belong to the
+    graphs' memory: a caller calls ``torch.compiler.cudagraph_mark_step_begin()`` before each
+    call and copies what must outlive the next one."""
+    return _graphed(fn, GRAPH_BACKEND)
+
+
+@functools.cache
+def _graphed(fn: Callable, backend: str | Callable) -> Callable:
+    if backend == "inductor":
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=True)
+    else:
+        compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.no_grad():
+            return compiled(*args)
+
+    return run
+
+
 def broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., M, N) distances between the rows of ``a`` (..., M, 3) and ``b`` (..., N, 3) from
     three broadcast coordinate differences, squared and summed in place: a few memory-bound

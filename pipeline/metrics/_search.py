@@ -30,10 +30,16 @@ import torch
 from pipeline.metrics._fused import (
     expansion_coefficients,
     fused,
+    graphed,
     score_fits,
     squared_distances,
 )
-from pipeline.metrics.superpose import _fit_from_moments, quaternion_fit_unchecked
+from pipeline.metrics.superpose import (
+    _cofactor_tables,
+    _fit_from_moments,
+    _fused_quaternion_fit,
+    quaternion_fit_unchecked,
+)
 
 #: Default bound on B x T x N entries per chunk (about 40 bytes each at the peak: float64
 #: distances and their temporaries, boolean subsets): ``None`` picks 2**26 on CUDA (about
@@ -51,6 +57,13 @@ COMPACT_BELOW = 0.9
 #: speed is measured on the GPU (docs/benchmarks.md, "Compiling the bookkeeping"); the
 #: results are the same either way (tests).
 COMPILED_BOOKKEEPING = False
+#: Compiled quaternion searches run every refit after the seed fit as one function compiled
+#: with CUDA graphs (:func:`_refit`, :func:`pipeline.metrics._fused.graphed`): one graph
+#: replay per refit instead of some sixty launches and three compiled calls, since on CUDA the
+#: compiled searches are bound by the host (docs/benchmarks.md). Compaction then keeps
+#: :func:`graph_rows` rows, so that few distinct shapes (graphs) recur. Off until measured
+#: on the GPU (docs/benchmarks.md, "CUDA graphs for the refits").
+GRAPHED_REFITS = False
 
 
 def resolve_chunk_elements(chunk_elements: int | None, device: torch.device) -> int:
@@ -170,20 +183,22 @@ def _relax_where_needed(
     need: torch.Tensor,
     new: torch.Tensor,
     cut: torch.Tensor,
-    products: torch.Tensor,
+    r: torch.Tensor,
     t: torch.Tensor,
+    features_t: torch.Tensor,
     base: torch.Tensor,
     valid: torch.Tensor,
     group: int,
 ) -> torch.Tensor:
     """``new`` (B, T, N) with the kept residues of the ``need`` (B, T) trajectories re-selected
     under their relaxed cutoffs (:func:`_relaxed_cutoff`). Their distances are formed again
-    from the fit's ``products`` and ``t`` (whose rows are shared by ``group`` consecutive
-    trajectories), for those rows only: no (B, T, N) distances are kept for this rare case."""
+    from the fits ``r``, ``t`` (whose rows are shared by ``group`` consecutive trajectories)
+    and the search's ``features_t``, for those rows only: no (B, T, N) distances are kept for
+    this rare case."""
     b_idx, t_idx = need.nonzero(as_tuple=True)
-    fit_idx = t_idx // group
-    d2 = squared_distances(products[b_idx, fit_idx].unsqueeze(1), t[b_idx, fit_idx].unsqueeze(1),
-                           base[b_idx], valid[b_idx]).squeeze(1)
+    r_rows, t_rows = r[b_idx, t_idx // group], t[b_idx, t_idx // group]
+    products = torch.bmm(expansion_coefficients(r_rows, t_rows).unsqueeze(1), features_t[b_idx])
+    d2 = squared_distances(products, t_rows.unsqueeze(1), base[b_idx], valid[b_idx]).squeeze(1)
     relaxed = _relaxed_cutoff(d2, cut[b_idx, t_idx])
     new = new.clone()
     new[b_idx, t_idx] = d2 < (relaxed * relaxed).unsqueeze(-1)
@@ -276,6 +291,63 @@ def _bookkeeping(
     return scores, need, next_active, next_subset, flags
 
 
+def graph_rows(n: int) -> int:
+    """Rows a chunk keeps when it drops finished trajectories under :data:`GRAPHED_REFITS`:
+    the smallest of 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them) that holds ``n``.
+    Every distinct shape is one more CUDA graph to record (and to hold in memory); with this
+    ladder a chunk of 2,048 rows passes through at most 20 shapes, the same ones at every
+    call, for less than half as many rows again as needed (the extra rows are finished
+    trajectories, whose refit repeats a superposition already scored). It starts at 3: two
+    rows would make the repeat check's shifted rows a single one, a shape that torch.compile
+    specialises on (one more compilation)."""
+    size = 3
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _refit(
+    subset: torch.Tensor,
+    active: torch.Tensor,
+    ok: torch.Tensor,
+    cut: torch.Tensor,
+    best: torch.Tensor,
+    converged: torch.Tensor,
+    moments: torch.Tensor,
+    features_t: torch.Tensor,
+    base: torch.Tensor,
+    valid: torch.Tensor,
+    n_valid: torch.Tensor,
+    key_weights: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    score_fn: Callable[..., torch.Tensor],
+    score_args: tuple,
+    dedupe: bool,
+    stop_below_three: bool,
+    relax: bool,
+) -> tuple[torch.Tensor, ...]:
+    """One refit of :func:`superposition_search` after the seed fit, with quaternion fits and
+    no host sync, written for :func:`pipeline.metrics._fused.graphed` (the state it reads and
+    the constants of the search are named as there). Returns the new ``best`` and
+    ``converged``, the (2,) flags the host reads (:func:`_bookkeeping`), the next ``active``
+    and ``subset``, and what the rare cutoff relaxation needs: the trajectories that need it
+    (all False without ``relax``), the ``active`` set after the repeat check, the kept
+    residues ``new`` and the fits ``r``, ``t``."""
+    m = torch.bmm(subset.double(), moments)
+    if dedupe:
+        active = _drop_repeats(m, cut, active, key_weights)
+    r, t, _, fit_converged = _fused_quaternion_fit(m, *tables)
+    products = torch.bmm(expansion_coefficients(r, t), features_t)
+    scores, new, count = score_fits(products, t, base, valid, cut, score_fn, score_args)
+    scores, need, next_active, next_subset, flags = _bookkeeping(
+        scores, ok, active, subset, new, count, n_valid, True, stop_below_three, relax
+    )
+    if need is None:
+        need = torch.zeros_like(active)
+    return (torch.maximum(best, scores), converged & fit_converged.all(), flags, next_active,
+            next_subset, need, active, new, r, t)
+
+
 def superposition_search(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -350,7 +422,8 @@ def superposition_search(
     skipped after the seed fit, as in US-align, because the cutoff may change there). Stopped
     trajectories are dropped from the chunk once they are at least a tenth of it
     (:data:`COMPACT_BELOW`). One host sync per refit reads how many go on (and whether a
-    cutoff needs relaxing).
+    cutoff needs relaxing). With :data:`GRAPHED_REFITS`, compiled quaternion searches run each
+    refit after the seed fit as one :func:`_refit` call (CUDA graphs on CUDA).
     """
     b, n, _ = x.shape
     dev = x.device
@@ -386,10 +459,15 @@ def superposition_search(
     compile_bookkeeping = compiled and COMPILED_BOOKKEEPING
     bookkeeping = fused(_bookkeeping) if compile_bookkeeping else _bookkeeping
     drop_repeats = fused(_drop_repeats) if compile_bookkeeping else _drop_repeats
+    refit = graphed(_refit) if unchecked_fits and GRAPHED_REFITS else None
+    tables = _cofactor_tables(moments) if refit is not None else None
     for lo in range(0, n_traj, chunk):
         sl = slice(lo, min(n_traj, lo + chunk))
-        st, wd, ok = start[:, sl], width[:, sl], traj_ok[:, sl]
-        c_first, c_iter = cut_first[:, sl], cut_iter[:, sl]
+        st, wd = start[:, sl], width[:, sl]
+        # Copies, not views: a compiled refit is specialised on whether an input is a view.
+        ok = traj_ok[:, sl].clone()
+        c_iter = cut_iter[:, sl].clone(memory_format=torch.contiguous_format)
+        c_first = cut_first[:, sl]
         subset = (
             (positions >= st.unsqueeze(-1))
             & (positions < (st + wd).unsqueeze(-1))
@@ -401,38 +479,52 @@ def superposition_search(
             cut = c_first if k == 0 else c_iter
             # The seed fit of a group is shared: fit its first trajectory, apply all g cutoffs.
             shared = k == 0 and g > 1
-            fitted, fitted_ok = (subset[:, ::g], ok[:, ::g]) if shared else (subset, ok)
-            if shared:
-                cut = cut.unflatten(1, (-1, g))
-            m = torch.bmm(fitted.double(), moments)
-            if dedupe and k > 0:
-                active = drop_repeats(m, c_iter, active, key_weights)
-            if unchecked_fits:
-                r, t, _, converged = quaternion_fit_unchecked(m)
-                converged = converged.all()
-                all_converged = converged if all_converged is None else all_converged & converged
+            if refit is not None and k > 0:
+                torch.compiler.cudagraph_mark_step_begin()
+                best, all_converged, flags, next_active, next_subset, need, active, new, r, t = (
+                    refit(subset, active, ok, c_iter, best, all_converged, moments,
+                          features_t, base, valid, n_valid, key_weights, tables, score_fn,
+                          score_args, dedupe, stop_below_three, relax and n > 3)
+                )
+                # Graph outputs are overwritten by the next replay: keep copies of the state.
+                best, all_converged = best.clone(), all_converged.clone()
+                next_active, next_subset = next_active.clone(), next_subset.clone()
+                if k == n_fits - 1:
+                    break
             else:
-                r, t = _fit_from_moments(m, solver=solver, compiled=compiled)
-            products = torch.bmm(expansion_coefficients(r, t), features_t)
-            # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
-            scores, new, count = score(products, t, base, valid, cut.contiguous(), score_fn,
-                                       score_args)
-            if shared:
-                cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
-            if k == n_fits - 1:
-                scores = _best_fitted(scores, fitted_ok)
+                fitted, fitted_ok = (subset[:, ::g], ok[:, ::g]) if shared else (subset, ok)
+                if shared:
+                    cut = cut.unflatten(1, (-1, g))
+                m = torch.bmm(fitted.double(), moments)
+                if dedupe and k > 0:
+                    active = drop_repeats(m, c_iter, active, key_weights)
+                if unchecked_fits:
+                    r, t, _, converged = quaternion_fit_unchecked(m)
+                    converged = converged.all()
+                    all_converged = (converged if all_converged is None
+                                     else all_converged & converged)
+                else:
+                    r, t = _fit_from_moments(m, solver=solver, compiled=compiled)
+                products = torch.bmm(expansion_coefficients(r, t), features_t)
+                # Invalid residues sit at infinity: no cutoff keeps them, no score counts them.
+                scores, new, count = score(products, t, base, valid, cut.contiguous(),
+                                           score_fn, score_args)
+                if shared:
+                    cut, new, count = cut.flatten(1), new.flatten(1, 2), count.flatten(1)
+                if k == n_fits - 1:
+                    scores = _best_fitted(scores, fitted_ok)
+                    best = scores if best is None else torch.maximum(best, scores)
+                    break
+                scores, need, next_active, next_subset, flags = bookkeeping(
+                    scores, fitted_ok, active, subset, new, count, n_valid, k > 0,
+                    stop_below_three, relax and n > 3,
+                )
                 best = scores if best is None else torch.maximum(best, scores)
-                break
-            scores, need, next_active, next_subset, flags = bookkeeping(
-                scores, fitted_ok, active, subset, new, count, n_valid, k > 0,
-                stop_below_three, relax and n > 3,
-            )
-            best = scores if best is None else torch.maximum(best, scores)
             # One host sync per refit: whether a cutoff needs relaxing (rare: only where a fit
             # keeps fewer than 3 residues) and how many trajectories go on.
             flags = flags.tolist()
             if flags[1]:
-                new = _relax_where_needed(need, new, cut, products, t, base, valid,
+                new = _relax_where_needed(need, new, cut, r, t, features_t, base, valid,
                                           g if shared else 1)
                 next_active, next_subset = _advance(active, subset, new, new.sum(-1), k > 0,
                                                     stop_below_three)
@@ -441,11 +533,13 @@ def superposition_search(
             n_active = flags[0]
             if n_active == 0:
                 break
-            if n_active <= COMPACT_BELOW * active.shape[1]:
-                # Drop finished trajectories (their superposition is scored already): they
-                # finish a few at every refit, and the rest need not drag them along. At
-                # least two stay, so that compiled steps need no variant for a single one.
-                n_keep = max(n_active, 2)
+            # Drop finished trajectories (their superposition is scored already): they finish
+            # a few at every refit, and the rest need not drag them along. At least two stay,
+            # so that compiled steps need no variant for a single one.
+            n_keep = max(n_active, 2)
+            if refit is not None:
+                n_keep = graph_rows(n_keep)
+            if n_active <= COMPACT_BELOW * active.shape[1] and n_keep < active.shape[1]:
                 keep = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n_keep]
                 subset = torch.gather(subset, 1, keep.unsqueeze(-1).expand(-1, -1, n))
                 active = torch.gather(active, 1, keep)

@@ -261,6 +261,45 @@ def test_workers_start_clean_while_another_thread_holds_a_lock(splits, monkeypat
     loader.close()
 
 
+def test_forkserver_workers_start_with_the_dataset_modules_imported(tmp_path):
+    """The fork server imports the dataset's module before it forks workers, so the workers of
+    every run inherit it: over two runs (loaders) of two workers each, in a fresh process, the
+    module is imported twice (the training process and the server), not once per worker too
+    (five times). Each worker import was 1.5 s of every trial's start on the development
+    machine (docs/benchmarks.md)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    log = tmp_path / "imports.log"
+    script = textwrap.dedent(f"""
+        import os
+        import torch
+        from forkserver_probe import ProbeDataset
+        from pipeline.data import DataConfig, LoaderConfig, build_datasets, build_train_loader
+
+        cfg = DataConfig(n_train=12, n_val=2, min_length=16, max_length=24, crop_length=16)
+        train = build_datasets(cfg, seed=0).train
+        train.__class__ = ProbeDataset
+        for _ in range(2):
+            loader = build_train_loader(train, LoaderConfig(num_workers=2, prefetch_factor=1),
+                                        batch_size=4, seed=0, device=torch.device("cpu"))
+            assert next(iter(loader))["aatype"].shape[0] == 4
+            loader.close()
+        print(os.getpid())
+    """)
+    # On PYTHONPATH, not sys.path: the fork server takes the environment's import path.
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "FORKSERVER_PROBE_LOG": str(log), "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imports = log.read_text().split()
+    assert done.stdout.split()[-1] in imports and len(imports) == 2, imports
+
+
 def test_loader_delivers_on_the_requested_device_and_measures_the_wait(splits):
     loader = build_train_loader(
         splits.train, LoaderConfig(device_prefetch=False), batch_size=6, seed=0, device=CPU

@@ -107,6 +107,11 @@ def prepare_data(args) -> None:
 def study(args) -> None:
     from pipeline.tune.study import run_study
 
+    if args.no_forkserver_preload:  # the loader as it was before 2026-12-08, for an A/B
+        import pipeline.data.loader as loader
+
+        loader.preload_in_forkserver = lambda dataset: []
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tune_file = out / f"tune-{args.pruner}.yaml"
@@ -436,6 +441,9 @@ def main() -> None:
                    "temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--no-forkserver-preload", action="store_true",
+                   help="for an A/B: loader workers import torch and the pipeline afresh in "
+                        "every trial (pipeline.data.loader.preload_in_forkserver off)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("data")
     p.add_argument("--preset", default="small_model")

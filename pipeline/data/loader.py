@@ -399,9 +399,9 @@ def preload_in_forkserver(dataset: Any) -> list[str]:
     has not imported, every worker of every run imports afresh. On the 2-core development
     machine that was 1.5-1.6 s before the first batch of each run (each trial of a study);
     with the modules preloaded, 0.03-0.05 s from the second run of a process on, 0.8 s for
-    the first (docs/benchmarks.md, "A trial's fixed costs"). The list
-    only counts before the server starts (the first forkserver loader of a process). The
-    server only imports (it never runs torch code), so its forks inherit no threads or locks.
+    the first (docs/benchmarks.md, "A trial's fixed costs"). The list only counts before the
+    server starts (the first forkserver loader of a process). The server only imports (it
+    never runs torch code), so its forks inherit no threads or locks.
     """
     modules = ["__main__", "torch", __name__, type(dataset).__module__]
     modules = list(dict.fromkeys(modules))

@@ -143,15 +143,16 @@ def study(args) -> None:
     client = mlflow.MlflowClient()
 
     def curve(t):
-        """(samples seen, seconds since the trial started, val/lddt) at each validation."""
+        """(samples seen, seconds since the trial started, val/lddt, val/loss) at each
+        validation (the loss for replays of ``--prune-metric val/loss``)."""
         run_id = t.user_attrs.get("run_id")
         if run_id is None:
             return []
         start = t.datetime_start.timestamp()
-        history = client.get_metric_history(run_id, "val/lddt")
-        per_step = {m.step: m for m in history}
+        per_step = {m.step: m for m in client.get_metric_history(run_id, "val/lddt")}
+        loss = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss")}
         samples = sorted(t.intermediate_values)
-        return [[s, per_step[k].timestamp / 1000 - start, per_step[k].value]
+        return [[s, per_step[k].timestamp / 1000 - start, per_step[k].value, loss.get(k)]
                 for s, k in zip(samples, sorted(per_step))]
 
     rows = [
@@ -255,11 +256,24 @@ def _final_value_oracle(target: float):
     return FinalValueOracle()
 
 
+def reported(entry: list, prune_metric: str = "val/lddt") -> float:
+    """What a trial reports to the pruner at one recorded validation ``entry`` (samples,
+    seconds, val/lddt[, val/loss]): val/lddt, or minus val/loss (``prune_metric: val/loss``,
+    ``prune_direction: minimize`` in a study that maximises val/lddt)."""
+    if prune_metric == "val/lddt":
+        return entry[2]
+    if len(entry) < 4 or entry[3] is None:
+        raise SystemExit("error: --prune-metric val/loss: the recorded study has no val/loss "
+                         "curves (studies recorded before 2026-12-08 kept val/lddt only)")
+    return -entry[3]
+
+
 def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
-                 target: float) -> dict:
+                 target: float, prune_metric: str = "val/lddt") -> dict:
     """One pruned study replayed on ``trials`` in the given order: the trials it cuts, the
     best value it keeps, the GPU seconds it spends and when its best first reaches
-    ``target``."""
+    ``target``. The pruner sees ``prune_metric`` (:func:`reported`); the study's value is
+    each trial's final val/lddt either way."""
     import optuna
 
     study = optuna.create_study(direction="maximize", pruner=pruner)
@@ -271,8 +285,9 @@ def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
         if pruned_overhead is not None:
             end_overhead = pruned_overhead
         cost = r["seconds"]
-        for samples, at, value in r["curve"]:
-            trial.report(value, samples)
+        for entry in r["curve"]:
+            samples, at = entry[0], entry[1]
+            trial.report(reported(entry, prune_metric), samples)
             if trial.should_prune():
                 cost = at + end_overhead
                 break
@@ -322,13 +337,13 @@ def replay(args) -> None:
     if pruned_overhead is None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
-    rank_agreement(trials)
+    rank_agreement(trials, args.prune_metric)
     target = 0.99 * full_best
     factories = _pruner_factories(args) | {ORACLE: lambda: _final_value_oracle(target)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {}
     for name, make in factories.items():
-        row = replay_order(trials, make(), pruned_overhead, target)
+        row = replay_order(trials, make(), pruned_overhead, target, args.prune_metric)
         row["time_share"] = row["gpu_s"] / full_time
         rows[name] = row
         print(name, row)
@@ -336,7 +351,8 @@ def replay(args) -> None:
         rng = np.random.default_rng(args.orders_seed)
         orders = [rng.permutation(len(trials)) for _ in range(args.orders)]
         for name, make in factories.items():
-            runs = [replay_order([trials[i] for i in order], make(), pruned_overhead, target)
+            runs = [replay_order([trials[i] for i in order], make(), pruned_overhead, target,
+                                 args.prune_metric)
                     for order in orders]
             rows[name]["orders"] = summarise_orders(runs, full_time)
             print(name, "over", args.orders, "orders:", rows[name]["orders"])
@@ -364,9 +380,10 @@ def summarise_orders(runs: list[dict], full_time: float) -> dict:
     }
 
 
-def rank_agreement(trials: list[dict]) -> list[float]:
-    """Spearman correlation, over the trials, of the value at each report with the final one:
-    how well an early cut can rank the trials at that point."""
+def rank_agreement(trials: list[dict], prune_metric: str = "val/lddt") -> list[float]:
+    """Spearman correlation, over the trials, of the value reported at each report
+    (:func:`reported`) with the final val/lddt: how well an early cut can rank the trials at
+    that point."""
     import numpy as np
 
     def ranks(values):
@@ -376,7 +393,7 @@ def rank_agreement(trials: list[dict]) -> list[float]:
     n_reports = min(len(r["curve"]) for r in trials)
     rhos = []
     for k in range(n_reports):
-        at_k = ranks([r["curve"][k][2] for r in trials])
+        at_k = ranks([reported(r["curve"][k], prune_metric) for r in trials])
         rhos.append(float(np.corrcoef(at_k, finals)[0, 1]))
     print("rank agreement with the final value, by report:",
           " ".join(f"{k + 1}:{rho:+.2f}" for k, rho in enumerate(rhos)))
@@ -464,6 +481,9 @@ def main() -> None:
     p.add_argument("--pruned-end-s", type=float, default=None,
                    help="seconds a pruned trial takes after its last report, when OUT holds "
                         "no real pruned study (default: each trial's own end of run)")
+    p.add_argument("--prune-metric", choices=["val/lddt", "val/loss"], default="val/lddt",
+                   help="what the replayed pruners compare at each report (val/loss: minus the "
+                        "validation loss, as prune_metric: val/loss does in the tune command)")
     p.add_argument("--orders", type=int, default=0,
                    help="also replay this many random orders of the trials and summarise them")
     p.add_argument("--orders-seed", type=int, default=0)

@@ -140,6 +140,31 @@ def test_pruned_trial_is_killed_resume_adds_trials_and_best_config_trains(workdi
                  "--set", f"output_dir={workdir / 'from-best'}"]) == 0
 
 
+def test_trials_report_the_prune_metric_in_the_study_direction(workdir):
+    """With ``prune_metric: val/loss`` (minimize) in a study that maximises val/lddt, each
+    report the pruner sees is minus the validation loss the child run logged at that point,
+    and the trial's value is still its val/lddt."""
+    tune = _tune_file(
+        workdir / "tune.yaml", sampler="random", pruner="median", prune_metric="val/loss",
+        prune_direction="minimize",
+        search_space={"optim.lr": {"type": "float", "low": 1.0e-3, "high": 2.0e-3}},
+    )
+    out = workdir / "out"
+    assert main(["tune", "--tune-config", str(tune), "--study-name", "s", *TINY, "--set",
+                 "trainer.epochs=2", "--set", f"output_dir={out}", "--n-trials", "1"]) == 0
+    (trial,) = _journal_study(out, "s").trials
+    (parent,) = _runs("tune-parent")
+    assert parent.data.params["prune_metric"] == "val/loss (minimize)"
+    (child,) = _runs(parent=parent.info.run_id)
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(child.info.run_id, "val/loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    reports = [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+    assert len(reports) == 2 and reports == [-v for v in losses]
+    assert all(v < 0 for v in reports)
+    assert trial.value == child.data.metrics["val/lddt"]
+
+
 def test_a_crashed_trial_is_recorded_and_the_study_goes_on(workdir):
     # Every trial meets an OOM at step 2; trial 0 may not retry it (OOM beyond recovery).
     tune = _tune_file(
@@ -321,6 +346,10 @@ def _write(tmp_path: Path, text: str) -> Path:
          "objective: expected one of 'quality', 'pareto'"),
         ("time_budget_minutes: 0\nsearch_space: {scheduler.warmup_epochs: "
          "{type: float, low: 0, high: 1}}", "time_budget_minutes: expected a value > 0"),
+        ("prune_metric: val/loss\nsearch_space: {scheduler.warmup_epochs: "
+         "{type: float, low: 0, high: 1}}", "prune_direction: required with prune_metric"),
+        ("prune_direction: minimize\nsearch_space: {scheduler.warmup_epochs: "
+         "{type: float, low: 0, high: 1}}", "prune_direction: 'minimize' applies to a prune"),
     ],
 )
 def test_bad_tune_config_is_one_line_error(tmp_path, capsys, text, message):

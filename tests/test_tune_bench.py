@@ -115,3 +115,34 @@ def test_oracle_bound_cuts_every_trial_that_ends_below_the_best_at_its_first_rep
     # In every order it keeps the best and spends the same.
     assert oracle["orders"]["best_kept_share"] == 1.0
     assert oracle["orders"]["time_share_q"] == pytest.approx([spent / 140.0] * 3)
+
+
+def test_replay_can_prune_on_the_validation_loss(tmp_path):
+    # Trial 3 ends best (0.8) but its val/lddt starts lowest (0.05), so a median pruner on
+    # val/lddt cuts it at the first report; its val/loss is the lowest from the first report
+    # on, so the same pruner on val/loss (minus the loss, the study maximising) keeps it and
+    # cuts trial 2 (highest loss) instead.
+    trials = [_trial(0, [0.5, 0.6, 0.7]), _trial(1, [0.4, 0.5, 0.6]),
+              _trial(2, [0.3, 0.3, 0.3]), _trial(3, [0.05, 0.5, 0.8])]
+    losses = {0: [1.0, 0.9, 0.8], 1: [1.1, 1.0, 0.9], 2: [1.5, 1.5, 1.5], 3: [0.9, 0.7, 0.5]}
+    for t in trials:
+        for entry, loss in zip(t["curve"], losses[t["trial"]], strict=True):
+            entry.append(loss)
+    _write_study(tmp_path, trials)
+
+    on_lddt = _replay(tmp_path, "--pruned-end-s", "0.3")["median"]
+    assert on_lddt["pruned"] == 2 and on_lddt["best"] == pytest.approx(0.7)  # lost trial 3
+    on_loss = _replay(tmp_path, "--pruned-end-s", "0.3", "--prune-metric", "val/loss")
+    assert on_loss["median"]["pruned"] == 1 and on_loss["median"]["best"] == pytest.approx(0.8)
+    assert on_loss["median"]["gpu_s"] == pytest.approx(35.0 + 35.0 + 10.3 + 35.0)
+
+
+def test_replay_on_the_loss_needs_recorded_losses(tmp_path):
+    _write_study(tmp_path, _four_trials())  # val/lddt only, as studies recorded before
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_tune.py"), "replay", "--out",
+         str(tmp_path), "--prune-metric", "val/loss"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "has no val/loss curves" in proc.stderr, proc.stderr

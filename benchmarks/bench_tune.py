@@ -155,10 +155,19 @@ def study(args) -> None:
         return [[s, per_step[k].timestamp / 1000 - start, per_step[k].value, loss.get(k)]
                 for s, k in zip(samples, sorted(per_step))]
 
+    def startup(t):
+        """The trial's start-up (the trainer's perf/setup_s, first_batch_s, first_step_s)."""
+        run_id = t.user_attrs.get("run_id")
+        if run_id is None:
+            return None
+        metrics = client.get_run(run_id).data.metrics
+        return {k: metrics.get(f"perf/{k}") for k in ("setup_s", "first_batch_s", "first_step_s")}
+
     rows = [
         {
             "trial": t.number,
             "curve": curve(t),
+            "startup": startup(t),
             "state": t.state.name,
             "value": t.value,
             "last_reported": t.intermediate_values.get(max(t.intermediate_values, default=-1)),

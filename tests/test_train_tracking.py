@@ -61,6 +61,18 @@ def test_best_model_is_logged_reloads_and_is_registered(finished):
     assert int(version.version) == 1 and version.run_id == result.run_id
 
 
+def test_start_up_is_logged_once_at_the_first_step(finished):
+    """Set-up, first batch and first step of the run, each once, at step 1, in order."""
+    _, result = finished
+    client = mlflow.MlflowClient()
+    startup = {}
+    for key in ("perf/setup_s", "perf/first_batch_s", "perf/first_step_s"):
+        (point,) = client.get_metric_history(result.run_id, key)
+        assert point.step == 1 and point.value > 0, key
+        startup[key] = point.value
+    assert startup["perf/first_batch_s"] < startup["perf/first_step_s"]
+
+
 def test_checkpoints_are_uploaded_newest_overwriting(finished, tmp_path):
     _, result = finished
     client = mlflow.MlflowClient()

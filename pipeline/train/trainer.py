@@ -88,6 +88,7 @@ def train(
     a local one under ``output_dir``, else its uploaded ``checkpoints/last.pt`` (a run moved to
     another machine); with ``resume`` a path, from that checkpoint.
     """
+    entered = time.monotonic()
     runtime.check_output_dir(config)
     if config.tracking.enabled and not config.tracking.offline:
         from pipeline.tracking.mlflow_tracker import check_reachable, tracking_uri
@@ -103,6 +104,7 @@ def train(
         parent_run_id=parent_run_id,
         on_validation=on_validation,
         extra_tags=extra_tags or {},
+        entered=entered,
     )
     try:
         return trainer.fit()
@@ -155,7 +157,9 @@ class Trainer:
         parent_run_id: str | None,
         on_validation: ValidationCallback | None,
         extra_tags: dict[str, Any],
+        entered: float | None = None,
     ):
+        entered = time.monotonic() if entered is None else entered
         self.cfg = cfg
         self.ctx = ctx
         self.device = ctx.device
@@ -230,6 +234,9 @@ class Trainer:
             runtime.log_run_inputs(self.tracker, cfg, run_dir, self.data_stats)
         elif checkpoint is not None:
             self.tracker.resend(checkpoint.get("tracking_unsent", []))
+        # Start-up, logged once at the first step (_log_startup): set-up until here, then the
+        # first batch and the first step of this process.
+        self._startup: dict[str, float] | None = {"setup_s": time.monotonic() - entered}
         log.info(
             "run %s: %d steps/epoch, %d optimizer steps in all, output %s",
             self.tracker.run_id or "(untracked)",
@@ -241,6 +248,7 @@ class Trainer:
     # ================================================================== phases
     def fit(self) -> TrainResult:
         status = "FAILED"
+        self._fit_started = time.monotonic()
         try:
             with self._signal_handlers(), self.progress:
                 while not self.should_stop():
@@ -264,6 +272,8 @@ class Trainer:
         n_batches = len(self.loader)
         window: list[dict] = []
         for batch in self.loader:
+            if self._startup is not None and "first_batch_s" not in self._startup:
+                self._startup["first_batch_s"] = time.monotonic() - self._fit_started
             window.append(batch)
             self._window_wait += getattr(self.loader, "last_wait_s", 0.0)
             self.batch_in_epoch += 1
@@ -322,6 +332,8 @@ class Trainer:
         self.phases.mark()  # end of optimizer (unscale, clip, finite check, step)
         self.step = step
         self.samples_seen += n_structures * self.ctx.world_size
+        if self._startup is not None:
+            self._log_startup()
         step_s = time.perf_counter() - start + data_wait
         fired = self.health.observe(
             step, loss=loss_value, grad_norm=grad_norm_value, lr=lr,
@@ -347,6 +359,19 @@ class Trainer:
         for timed_step, times in self.phases.ready():  # CUDA: steps whose events completed
             self.tracker.log_metrics(times, step=timed_step)
             self._remember(times, step=timed_step)
+
+    def _log_startup(self) -> None:
+        """Where a run's start goes, logged once, at the first step of the process:
+        ``perf/setup_s`` (``train()`` to a ready trainer: device, data, model, optimizer, the
+        MLflow run), then from the start of the loop ``perf/first_batch_s`` (the loader's
+        workers starting and the first batches made) and ``perf/first_step_s`` (to the end of
+        the first optimizer step, the device's warm-up included). In a tuning study every
+        trial pays them before its first report."""
+        self._startup["first_step_s"] = time.monotonic() - self._fit_started
+        self.tracker.log_metrics({f"perf/{k}": v for k, v in self._startup.items()},
+                                 step=self.step)
+        log.info("start-up: %s", ", ".join(f"{k} {v:.2f}" for k, v in self._startup.items()))
+        self._startup = None
 
     def after_step(self) -> None:
         self.faults.after_step(self.step)

@@ -346,7 +346,9 @@ def replay(args) -> None:
     if pruned_overhead is None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
-    rank_agreement(trials, args.prune_metric)
+    has_loss = all(len(e) > 3 and e[3] is not None for r in trials for e in r["curve"])
+    agreement = {metric: rank_agreement(trials, metric)
+                 for metric in (("val/lddt", "val/loss") if has_loss else ("val/lddt",))}
     target = 0.99 * full_best
     factories = _pruner_factories(args) | {ORACLE: lambda: _final_value_oracle(target)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -365,6 +367,7 @@ def replay(args) -> None:
                     for order in orders]
             rows[name]["orders"] = summarise_orders(runs, full_time)
             print(name, "over", args.orders, "orders:", rows[name]["orders"])
+    rows["rank_agreement"] = agreement
     (out / "replay.json").write_text(json.dumps(rows, indent=1))
 
 
@@ -404,7 +407,7 @@ def rank_agreement(trials: list[dict], prune_metric: str = "val/lddt") -> list[f
     for k in range(n_reports):
         at_k = ranks([reported(r["curve"][k], prune_metric) for r in trials])
         rhos.append(float(np.corrcoef(at_k, finals)[0, 1]))
-    print("rank agreement with the final value, by report:",
+    print(f"rank agreement of {prune_metric} with the final val/lddt, by report:",
           " ".join(f"{k + 1}:{rho:+.2f}" for k, rho in enumerate(rhos)))
     return rhos
 
@@ -415,13 +418,18 @@ def report(args) -> None:
                for p in ("none", *PRUNERS) if (out / f"study-{p}.json").exists()}
     for name, result in studies.items():
         print(f"\n### pruner {name}: {result['study_wall_s']:.0f} s for the study\n")
-        print("| trial | state | val/lddt | samples seen | seconds | lr | warmup ep | accum | prefetch |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| trial | state | val/lddt | samples seen | seconds | start: setup / first batch "
+              "/ first step (s) | lr | warmup ep | accum | prefetch |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in result["trials"]:
             p = r["params"]
             value = r["value"] if r["value"] is not None else r["last_reported"]
+            start = r.get("startup") or {}  # kept from 2026-12-08 on
+            start = " / ".join("-" if start.get(k) is None else f"{start[k]:.2f}"
+                               for k in ("setup_s", "first_batch_s", "first_step_s"))
             print(f"| {r['trial']} | {r['state']} | {value:.4f} | {r['samples_seen']} | "
-                  f"{r['seconds']:.1f} | {p['optim.lr']:.2e} | {p['scheduler.warmup_epochs']:.2f} | "
+                  f"{r['seconds']:.1f} | {start} | {p['optim.lr']:.2e} | "
+                  f"{p['scheduler.warmup_epochs']:.2f} | "
                   f"{p['trainer.accumulation_steps']} | {p['loader.prefetch_factor']} |")
     def best_and_time(result):
         done = [r for r in result["trials"] if r["state"] == "COMPLETE"]

@@ -96,15 +96,6 @@ def timed(
     return statistics.median(times), out
 
 
-def time_first_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of ``fn``: the first call of a compiled part compiles."""
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def checksum(out: object) -> float:
     """Sum of every number in a part's result (a tensor, or tuples and dicts of them)."""
     if isinstance(out, torch.Tensor):
@@ -313,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = sorted(set(chosen) - set(parts))
         if unknown:
             parser.error(f"--parts-only: unknown part(s) {unknown}; choose from {list(parts)}")
-        first_calls = {k: time_first_call(parts[k], device) for k in chosen}  # compilation
+        # One call with no warm-up: the first call of a compiled part compiles.
+        first_calls = {k: timed(parts[k], device, 1, warmups=0)[0] for k in chosen}
         timings = {k: timed(parts[k], device, args.repeats, warmups) for k in chosen}
         result["device"] = {
             "parts_s": {k: v[0] for k, v in timings.items()},

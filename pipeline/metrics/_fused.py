@@ -40,7 +40,11 @@ def fused(fn: Callable) -> Callable:
     Autograd is off inside (metrics are never differentiated), so that the caller's grad
     mode does not cost another compilation.
     """
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    return _without_grad(torch.compile(fn, fullgraph=True, dynamic=True), fn)
+
+
+def _without_grad(compiled: Callable, fn: Callable) -> Callable:
+    """``compiled`` (``fn`` compiled) called with autograd off, under ``fn``'s name."""
 
     @functools.wraps(fn)
     def run(*args):
@@ -73,13 +77,7 @@ def _graphed(fn: Callable, backend: str | Callable) -> Callable:
         compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=True)
     else:
         compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
-
-    @functools.wraps(fn)
-    def run(*args):
-        with torch.no_grad():
-            return compiled(*args)
-
-    return run
+    return _without_grad(compiled, fn)
 
 
 def broadcast_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -269,12 +270,7 @@ def reported(entry: list, prune_metric: str = "val/lddt") -> float:
     """What a trial reports to the pruner at one recorded validation ``entry`` (samples,
     seconds, val/lddt[, val/loss]): val/lddt, or minus val/loss (``prune_metric: val/loss``,
     ``prune_direction: minimize`` in a study that maximises val/lddt)."""
-    if prune_metric == "val/lddt":
-        return entry[2]
-    if len(entry) < 4 or entry[3] is None:
-        raise SystemExit("error: --prune-metric val/loss: the recorded study has no val/loss "
-                         "curves (studies recorded before 2026-12-08 kept val/lddt only)")
-    return -entry[3]
+    return entry[2] if prune_metric == "val/lddt" else -entry[3]
 
 
 def replay_order(trials: list[dict], pruner, pruned_overhead: float | None,
@@ -347,6 +343,10 @@ def replay(args) -> None:
         source = "a finished trial's end of run"
     print(f"end of a pruned trial: {pruned_overhead} s ({source})")
     has_loss = all(len(e) > 3 and e[3] is not None for r in trials for e in r["curve"])
+    if args.prune_metric == "val/loss" and not has_loss:
+        print("error: --prune-metric val/loss: the recorded study has no val/loss curves "
+              "(studies recorded before 2026-12-08 kept val/lddt only)", file=sys.stderr)
+        raise SystemExit(2)
     agreement = {metric: rank_agreement(trials, metric)
                  for metric in (("val/lddt", "val/loss") if has_loss else ("val/lddt",))}
     target = 0.99 * full_best

@@ -145,4 +145,6 @@ def test_replay_on_the_loss_needs_recorded_losses(tmp_path):
          str(tmp_path), "--prune-metric", "val/loss"],
         env=env, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0 and "has no val/loss curves" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --prune-metric val/loss" in proc.stderr, proc.stderr
+    assert "has no val/loss curves" in proc.stderr, proc.stderr
